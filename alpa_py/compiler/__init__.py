@@ -1,0 +1,1 @@
+"""Compiler passes: jaxpr -> plan. No device is touched except to compile."""

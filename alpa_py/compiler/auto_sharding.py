@@ -1,0 +1,381 @@
+"""The intra-operator pass: OpGraph -> ILP -> a sharding for every tensor.
+
+1. Every step input and every op gets its strategies (``strategies``).
+2. Simplification: an op that can only follow one operand's layout
+   (elementwise, reshape, transpose, ...) is merged into that operand's node:
+   for each strategy of the node it takes its cheapest strategy given the
+   operand's spec. The node count drops to roughly dots + reductions +
+   broadcasts + inputs.
+3. Edges carry resharding costs between a tensor's producer spec and each
+   consumer's required spec; outputs that become next step's inputs (the new
+   train state) get an edge back to that input.
+4. The ILP (``ilp``) picks one strategy per node, under the memory budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+from alpa_py import _progress
+from alpa_py.compiler import ilp
+from alpa_py.compiler.cluster_env import LogicalMesh
+from alpa_py.compiler.graph import Literal, OpGraph
+from alpa_py.compiler.strategies.loop_nest import Strategy
+from alpa_py.compiler.strategies.registry import (strategies_for,
+                                                  tensor_strategies)
+from alpa_py.compiler.strategies.rules import ELEMENTWISE
+from alpa_py.compiler.strategies.spec import (FORBIDDEN_PENALTY, Spec,
+                                              num_shards, replicated,
+                                              resharding_cost)
+
+FOLLOWERS = frozenset(ELEMENTWISE) | {
+    "transpose", "reshape", "squeeze", "expand_dims", "cumsum", "cumprod",
+    "cummax", "cummin", "cumlogsumexp", "slice", "rev", "pad", "dynamic_slice"}
+
+_MEMORY_POINTS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class PassConfig:
+  """What the intra-op pass needs from ``AutoShardingOption``."""
+
+  memory_budget: float | None = None
+  allow_all_gather: bool = True
+  allow_all_to_all: bool = True
+  prefer_reduce_scatter: bool = False
+  allow_mixed_mesh_shape: bool = False
+  time_limit_s: float = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingSolution:
+  """The pass's result on one mesh: a spec per tensor, and the ILP stats.
+
+  Attributes:
+    mesh_shape: the logical mesh.
+    tensor_specs: (tensor id, spec) for every tensor that got one.
+    operand_specs: ((op index, operand position), spec) where an op needs an
+      operand in another layout than its producer's.
+    constrained: tensor ids whose layout the lowering pins.
+    op_strategies: (op index, strategy name) of every node's root op.
+    objective: predicted step time under the cost profile, seconds.
+    status, num_variables, num_constraints, solve_seconds: from the solver.
+    num_nodes, num_edges: ILP size after simplification.
+    estimated_peak_bytes: the ILP's estimate of peak bytes per device.
+  """
+
+  mesh_shape: tuple[int, ...]
+  tensor_specs: tuple
+  operand_specs: tuple
+  constrained: tuple
+  op_strategies: tuple
+  objective: float
+  status: str
+  num_variables: int
+  num_constraints: int
+  solve_seconds: float
+  num_nodes: int
+  num_edges: int
+  estimated_peak_bytes: float
+
+  @functools.cached_property
+  def spec_of(self) -> dict[int, Spec]:
+    return dict(self.tensor_specs)
+
+  @functools.cached_property
+  def operand_spec_of(self) -> dict[tuple[int, int], Spec]:
+    return dict(self.operand_specs)
+
+  @functools.cached_property
+  def strategy_of(self) -> dict[int, str]:
+    return dict(self.op_strategies)
+
+
+class InfeasiblePlanError(ValueError):
+  """No sharding meets the per-device memory budget."""
+
+
+@dataclasses.dataclass
+class _Node:
+  cost: list[float]
+  specs: dict[int, list]  # tensor -> spec per strategy
+  reqs: list  # (tensor, op index, pos, spec per strategy, count_if_same_node)
+  names: list[str]
+  root_op: int | None = None
+  root_outputs: tuple[int, ...] = ()
+
+
+def _make_rc(mesh: LogicalMesh, cfg: PassConfig):
+
+  @functools.lru_cache(maxsize=None)
+  def rc(src, dst, nbytes):
+    return resharding_cost(src, dst, nbytes, mesh, cfg.allow_all_gather,
+                           cfg.allow_all_to_all)
+
+  return rc
+
+
+def _follow_target(op, graph: OpGraph, node_of, nodes):
+  if op.name not in FOLLOWERS or not op.outputs:
+    return None
+  if any(t in graph.outvar_set for t in op.outputs):
+    return None  # a step output's layout is a decision of its own (next step)
+  out_size = graph.tensor(op.outputs[0]).size
+  for pos, t in enumerate(op.inputs):
+    if isinstance(t, Literal) or t not in node_of:
+      continue
+    info = graph.tensor(t)
+    if info.size == out_size and info.shape and len(nodes[node_of[t]].cost) > 1:
+      return pos, t
+  return None
+
+
+def _build_nodes(graph: OpGraph, mesh: LogicalMesh, cfg: PassConfig,
+                 input_specs: dict[int, Sequence[Spec]], rc):
+  nodes: list[_Node] = []
+  node_of: dict[int, int] = {}
+  for i, t in enumerate(graph.invars):
+    info = graph.tensor(t)
+    strats = tensor_strategies(info, mesh)
+    if i in input_specs:
+      allowed = set(input_specs[i])
+      strats = [s for s in strats if s.out_specs[0] in allowed] or [
+          Strategy("replicated", (replicated(len(info.shape)),), (), 0.0, 0.0)]
+    nodes.append(_Node([0.0] * len(strats),
+                       {t: [s.out_specs[0] for s in strats]}, [],
+                       [s.name for s in strats]))
+    node_of[t] = len(nodes) - 1
+  for t in graph.consts:
+    info = graph.tensor(t)
+    nodes.append(_Node([0.0], {t: [replicated(len(info.shape))]}, [],
+                       ["constant"]))
+    node_of[t] = len(nodes) - 1
+
+  for op in graph.ops:
+    strats = strategies_for(op, graph, mesh,
+                            prefer_reduce_scatter=cfg.prefer_reduce_scatter,
+                            allow_mixed_mesh_shape=cfg.allow_mixed_mesh_shape)
+    target = _follow_target(op, graph, node_of, nodes)
+    if target is not None and len(strats) > 1:
+      pos, t = target
+      node_idx = node_of[t]
+      node = nodes[node_idx]
+      nbytes = graph.tensor(t).nbytes
+      picks = []
+      for s, spec in enumerate(node.specs[t]):
+        # Follow exactly where a strategy takes the operand as it is: a
+        # cheaper-looking strategy that reshards here would ignore what the
+        # consumers downstream pay for the new layout.
+        exact = [k for k, st in enumerate(strats) if st.in_specs[pos] == spec]
+        best_k, best_c = 0, math.inf
+        for k in exact or range(len(strats)):
+          st = strats[k]
+          c = st.cost + rc(spec, st.in_specs[pos], nbytes)
+          if c < best_c:
+            best_k, best_c = k, c
+        picks.append(best_k)
+        node.cost[s] += best_c
+      for j, out in enumerate(op.outputs):
+        node.specs[out] = [strats[k].out_specs[j] for k in picks]
+        node_of[out] = node_idx
+      for p, ref in enumerate(op.inputs):
+        if isinstance(ref, int):
+          node.reqs.append((ref, op.index, p,
+                            [strats[k].in_specs[p] for k in picks], p != pos))
+      continue
+    node = _Node([s.cost for s in strats], {}, [], [s.name for s in strats],
+                 root_op=op.index, root_outputs=tuple(op.outputs))
+    for j, out in enumerate(op.outputs):
+      node.specs[out] = [s.out_specs[j] for s in strats]
+    for p, ref in enumerate(op.inputs):
+      if isinstance(ref, int):
+        node.reqs.append((ref, op.index, p, [s.in_specs[p] for s in strats],
+                          True))
+    nodes.append(node)
+    for out in op.outputs:
+      node_of[out] = len(nodes) - 1
+  return nodes, node_of
+
+
+def _build_edges(graph, nodes, node_of, rc, aliases, alias_penalty):
+  groups: dict[tuple[int, int], list] = {}
+  for v, node in enumerate(nodes):
+    for t, _, _, req, count_same in node.reqs:
+      u = node_of[t]
+      nbytes = graph.tensor(t).nbytes
+      if u == v:
+        if count_same:
+          for s in range(len(node.cost)):
+            node.cost[s] += rc(node.specs[t][s], req[s], nbytes)
+        continue
+      groups.setdefault((u, v), []).append((t, req, nbytes, 0.0))
+  for out_t, in_t in aliases:
+    u, v = node_of.get(out_t), node_of.get(in_t)
+    if u is None or v is None or u == v:
+      continue
+    groups.setdefault((u, v), []).append(
+        (out_t, nodes[v].specs[in_t], graph.tensor(out_t).nbytes,
+         alias_penalty))
+  edges = []
+  for (u, v), items in groups.items():
+    U, V = nodes[u], nodes[v]
+    u_keys = [tuple(U.specs[t][s] for t, _, _, _ in items)
+              for s in range(len(U.cost))]
+    v_keys = [tuple(req[s] for _, req, _, _ in items) for s in range(len(V.cost))]
+    u_uniq = list(dict.fromkeys(u_keys))
+    v_uniq = list(dict.fromkeys(v_keys))
+    u_index = {k: i for i, k in enumerate(u_uniq)}
+    v_index = {k: i for i, k in enumerate(v_uniq)}
+    cost = []
+    nonzero = False
+    for uk in u_uniq:
+      row = []
+      for vk in v_uniq:
+        c = 0.0
+        for (_, _, nbytes, penalty), a, b in zip(items, uk, vk):
+          if a != b and b is not None:
+            c += rc(a, b, nbytes) + penalty
+        nonzero |= c > 0
+        row.append(c)
+      cost.append(tuple(row))
+    if not nonzero:
+      continue
+    edges.append(ilp.Edge(u, v, tuple(u_index[k] for k in u_keys),
+                          tuple(v_index[k] for k in v_keys), tuple(cost)))
+  return edges
+
+
+def _memory_constraints(graph: OpGraph, nodes, node_of, mesh_shape):
+  n_ops = len(graph.ops)
+  define = {t: -1 for t in graph.invars}
+  define.update({t: -1 for t in graph.consts})
+  for op in graph.ops:
+    for t in op.outputs:
+      define[t] = op.index
+  last = {t: graph.last_use.get(t, define[t]) for t in define}
+  for t in graph.invars:
+    last[t] = n_ops  # arguments stay allocated for the whole step
+  # replicated live bytes at each point, by a sweep
+  delta = [0.0] * (n_ops + 2)
+  for t, d in define.items():
+    b = graph.tensor(t).nbytes
+    delta[d + 1] += b
+    delta[last[t] + 1] -= b
+  live, acc = [], 0.0
+  for i in range(n_ops + 1):
+    acc += delta[i]
+    live.append(acc)
+  order = sorted(range(len(live)), key=lambda i: -live[i])
+  points = sorted(set(order[:_MEMORY_POINTS // 2]) |
+                  set(range(0, len(live), max(1, len(live) //
+                                              (_MEMORY_POINTS // 2)))))
+  constraints = []
+  for p in points:
+    point = p - 1  # live after op p-1 ran, before op p
+    per_node: dict[int, list[float]] = {}
+    for t, d in define.items():
+      if d <= point <= last[t] and t in node_of:
+        n = node_of[t]
+        specs = nodes[n].specs.get(t)
+        if specs is None:
+          continue
+        nbytes = graph.tensor(t).nbytes
+        row = per_node.setdefault(n, [0.0] * len(nodes[n].cost))
+        for s, spec in enumerate(specs):
+          row[s] += nbytes / num_shards(spec, mesh_shape)
+    label = (f"after op {point} ({graph.ops[point].name})" if point >= 0
+             else "at step start")
+    constraints.append(ilp.MemoryConstraint(
+        tuple((n, tuple(b)) for n, b in per_node.items()), label))
+  return constraints
+
+
+def _peak_bytes(graph, nodes, node_of, choice, mesh_shape, constraints):
+  if not constraints:
+    constraints = _memory_constraints(graph, nodes, node_of, mesh_shape)
+  return max((sum(b[choice[n]] for n, b in m.terms) for m in constraints),
+             default=0.0)
+
+
+def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh, cfg: PassConfig, *,
+                      input_specs: dict[int, Sequence[Spec]] | None = None,
+                      aliases: Sequence[tuple[int, int]] = (),
+                      alias_penalty: float = 0.0) -> ShardingSolution:
+  """Chooses a spec for every tensor of ``graph`` on ``mesh``.
+
+  Args:
+    graph: the flattened step.
+    mesh: logical mesh with its cost profile.
+    cfg: pass options.
+    input_specs: graph input position -> the specs it may take (methods with
+      a constrained strategy space use this).
+    aliases: (output tensor, input tensor) pairs: the output is fed back as
+      that input on the next step.
+    alias_penalty: extra cost when an aliased pair differs (a constrained
+      method makes it large).
+
+  Returns:
+    The solution.
+
+  Raises:
+    InfeasiblePlanError: no plan fits ``cfg.memory_budget``.
+  """
+  rc = _make_rc(mesh, cfg)
+  nodes, node_of = _build_nodes(graph, mesh, cfg, input_specs or {}, rc)
+  edges = _build_edges(graph, nodes, node_of, rc, aliases, alias_penalty)
+  memory = ()
+  if cfg.memory_budget is not None:
+    memory = tuple(_memory_constraints(graph, nodes, node_of, mesh.shape))
+  problem = ilp.Problem(tuple(tuple(n.cost) for n in nodes), tuple(edges),
+                        memory, cfg.memory_budget, cfg.time_limit_s)
+  free = sum(1 for n in nodes if len(n.cost) > 1)
+  _progress.log(f"mesh {mesh.shape}: ILP over {len(nodes)} nodes ({free} with "
+                f"a choice), {len(edges)} edges, {len(memory)} memory points")
+  result = ilp.solve(problem)
+  if isinstance(result, ilp.Infeasible):
+    raise InfeasiblePlanError(
+        f"no sharding on mesh {mesh.shape} fits memory_budget_per_device="
+        f"{cfg.memory_budget:.0f} bytes: at least {result.min_bytes_needed:.0f} "
+        f"bytes per device are needed ({result.worst_point}; solver status "
+        f"{result.status}). Raise the budget, use more devices, or reduce the "
+        "batch / model size.")
+  _progress.log(f"mesh {mesh.shape}: {result.status} objective "
+                f"{result.objective * 1e3:.3f} ms in {result.solve_seconds:.2f} s "
+                f"({result.num_variables} variables, {result.num_constraints} "
+                "constraints)")
+  return _solution(graph, nodes, node_of, result, mesh, edges, memory)
+
+
+def _solution(graph, nodes, node_of, result, mesh, edges, memory):
+  choice = result.choice
+  tensor_specs = {}
+  for t, n in node_of.items():
+    specs = nodes[n].specs.get(t)
+    if specs is not None:
+      tensor_specs[t] = specs[choice[n]]
+  operand_specs = {}
+  for n, node in enumerate(nodes):
+    for t, op_idx, pos, req, _ in node.reqs:
+      want = req[choice[n]]
+      if want is not None and want != tensor_specs.get(t):
+        operand_specs[(op_idx, pos)] = want
+  constrained = []
+  op_strategies = []
+  for n, node in enumerate(nodes):
+    if node.root_op is not None:
+      op_strategies.append((node.root_op, node.names[choice[n]]))
+      if len(node.cost) > 1:
+        constrained.extend(node.root_outputs)
+  peak = _peak_bytes(graph, nodes, node_of, choice, mesh.shape, list(memory))
+  return ShardingSolution(
+      mesh_shape=mesh.shape, tensor_specs=tuple(sorted(tensor_specs.items())),
+      operand_specs=tuple(sorted(operand_specs.items())),
+      constrained=tuple(sorted(constrained)),
+      op_strategies=tuple(sorted(op_strategies)), objective=result.objective,
+      status=result.status, num_variables=result.num_variables,
+      num_constraints=result.num_constraints,
+      solve_seconds=result.solve_seconds, num_nodes=len(nodes),
+      num_edges=len(edges), estimated_peak_bytes=peak)

@@ -1,0 +1,226 @@
+"""Logical device meshes and the alpha-beta cost model of their collectives.
+
+A ``CostProfile`` describes one kind of cluster: per-device compute and memory
+bandwidth, and the latency (alpha, seconds) and inverse bandwidth (beta,
+seconds per byte) of links inside a node and between nodes. A ``LogicalMesh``
+lays a profile over a mesh shape: mesh axis ``a`` uses the inter-node link when
+the devices it spans (row-major order) do not fit in one node.
+
+Profiles:
+  * ``cpu``: measured on this machine with the simulated host devices, once,
+    then read from ``~/.cache/alpa_py``.
+  * ``v100_8x_nvlink_25gbps``, ``a100_8x_nvlink_100gbps``,
+    ``h100_8x_nvlink_400gbps``: GPU-cluster presets (vendor figures, derated to
+    what dense kernels and ring collectives reach in practice), so that plans
+    for such clusters can be made and inspected without one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import time
+
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class CostProfile:
+  """Performance figures of one kind of device cluster.
+
+  Attributes:
+    name: profile name.
+    flops_per_s: dense matmul throughput of one device.
+    mem_bytes_per_s: memory bandwidth of one device (elementwise work).
+    intra_alpha: latency of one collective step inside a node, seconds.
+    intra_beta: seconds per byte on an intra-node link.
+    inter_alpha: latency between nodes, seconds.
+    inter_beta: seconds per byte between nodes.
+    devices_per_node: devices that share the fast links.
+    memory_per_device: device memory in bytes (None: unknown).
+  """
+
+  name: str
+  flops_per_s: float
+  mem_bytes_per_s: float
+  intra_alpha: float
+  intra_beta: float
+  inter_alpha: float
+  inter_beta: float
+  devices_per_node: int
+  memory_per_device: int | None = None
+
+  def __post_init__(self):
+    for field in ("flops_per_s", "mem_bytes_per_s", "intra_beta", "inter_beta"):
+      if not getattr(self, field) > 0:
+        raise ValueError(f"CostProfile.{field} (={getattr(self, field)}) "
+                         "must be positive")
+
+
+GPU_PRESETS = {
+    # AWS p3.16xlarge, the Alpa paper's cluster: fp16 tensor cores, NVLink
+    # (~130 GB/s achieved ring bandwidth), 25 Gb/s Ethernet between nodes.
+    "v100_8x_nvlink_25gbps": CostProfile(
+        "v100_8x_nvlink_25gbps", flops_per_s=90e12, mem_bytes_per_s=800e9,
+        intra_alpha=8e-6, intra_beta=1 / 130e9, inter_alpha=30e-6,
+        inter_beta=1 / 3.0e9, devices_per_node=8, memory_per_device=16 * GiB),
+    # 8x A100 80 GB per node over NVLink 3 (~230 GB/s achieved), 100 Gb/s
+    # between nodes.
+    "a100_8x_nvlink_100gbps": CostProfile(
+        "a100_8x_nvlink_100gbps", flops_per_s=220e12, mem_bytes_per_s=1.8e12,
+        intra_alpha=6e-6, intra_beta=1 / 230e9, inter_alpha=20e-6,
+        inter_beta=1 / 11.5e9, devices_per_node=8, memory_per_device=80 * GiB),
+    # 8x H100 80 GB per node over NVLink 4 (~370 GB/s achieved), 400 Gb/s
+    # InfiniBand between nodes.
+    "h100_8x_nvlink_400gbps": CostProfile(
+        "h100_8x_nvlink_400gbps", flops_per_s=650e12, mem_bytes_per_s=3.0e12,
+        intra_alpha=5e-6, intra_beta=1 / 370e9, inter_alpha=15e-6,
+        inter_beta=1 / 46e9, devices_per_node=8, memory_per_device=80 * GiB),
+}
+PROFILE_NAMES = ("cpu",) + tuple(GPU_PRESETS)
+
+
+def _cache_dir() -> pathlib.Path:
+  root = os.environ.get("ALPA_PY_CACHE_DIR") or os.path.join(
+      os.path.expanduser("~"), ".cache", "alpa_py")
+  return pathlib.Path(root)
+
+
+def _timeit(fn, *args, reps: int = 5) -> float:
+  fn(*args).block_until_ready()
+  best = math.inf
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn(*args).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def measure_cpu_profile(devices=None) -> CostProfile:
+  """Measures compute, memory and collective speed of the local devices.
+
+  All devices run at once, as they do in a sharded step, so that the figures
+  include their contention for the host's cores.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  devices = list(devices or jax.devices())
+  n = len(devices)
+  mesh = Mesh(np.array(devices), ("d",),
+              axis_types=(jax.sharding.AxisType.Auto,))
+  row = NamedSharding(mesh, P("d"))
+  rep = NamedSharding(mesh, P())
+
+  m = 256
+  a = jax.device_put(jnp.ones((n * m, m), jnp.float32), row)
+  b = jax.device_put(jnp.ones((m, m), jnp.float32), rep)
+  mm = jax.jit(lambda x, y: x @ y, out_shardings=row)
+  t_mm = _timeit(mm, a, b)
+  flops = 2.0 * m * m * m / t_mm
+
+  e = 1 << 20
+  x = jax.device_put(jnp.ones((n * e,), jnp.float32), row)
+  ew = jax.jit(lambda v: v * 2.0 + 1.0, out_shardings=row)
+  t_ew = _timeit(ew, x)
+  mem_bw = 2.0 * 4 * e / t_ew
+
+  # all-reduce of a [n, k] array sharded on dim 0, summed over dim 0.
+  ar = jax.jit(lambda v: v.sum(0), out_shardings=rep)
+  times = []
+  sizes = (1 << 10, 1 << 18)
+  for k in sizes:
+    v = jax.device_put(jnp.ones((n, k), jnp.float32), row)
+    times.append(_timeit(ar, v))
+  factor = 2.0 * (n - 1) / n
+  bytes_ = [4.0 * k * factor for k in sizes]
+  beta = max((times[1] - times[0]) / (bytes_[1] - bytes_[0]), 1e-13)
+  alpha = max(times[0] - beta * bytes_[0], 1e-7)
+  return CostProfile("cpu", flops_per_s=flops, mem_bytes_per_s=mem_bw,
+                     intra_alpha=alpha, intra_beta=beta, inter_alpha=alpha,
+                     inter_beta=beta, devices_per_node=1 << 30)
+
+
+@functools.lru_cache(maxsize=None)
+def get_profile(name: str) -> CostProfile:
+  """Returns a named profile; ``cpu`` is measured once and cached on disk.
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  if name in GPU_PRESETS:
+    return GPU_PRESETS[name]
+  if name != "cpu":
+    raise ValueError(f"unknown cost_profile {name!r}; choose one of "
+                     f"{PROFILE_NAMES}")
+  import jax
+  n = jax.device_count()
+  path = _cache_dir() / f"profile-cpu-{jax.__version__}-{n}dev.json"
+  if path.exists():
+    try:
+      return CostProfile(**json.loads(path.read_text()))
+    except (ValueError, TypeError):
+      pass  # a stale or partial file: measure again
+  from alpa_py import _progress
+  _progress.log(f"measuring the cpu cost profile on {n} devices (once; cached "
+                f"in {path})")
+  profile = measure_cpu_profile()
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataclasses.asdict(profile), indent=1))
+  except OSError:
+    pass  # read-only home: keep the in-memory profile
+  return profile
+
+
+@dataclasses.dataclass(frozen=True)
+class LogicalMesh:
+  """A mesh shape with the cost of collectives along each axis."""
+
+  shape: tuple[int, ...]
+  profile: CostProfile
+
+  @property
+  def num_devices(self) -> int:
+    return int(math.prod(self.shape))
+
+  def _alpha_beta(self, axis: int) -> tuple[float, float]:
+    span = math.prod(self.shape[axis:])
+    if span > self.profile.devices_per_node:
+      return self.profile.inter_alpha, self.profile.inter_beta
+    return self.profile.intra_alpha, self.profile.intra_beta
+
+  def all_reduce(self, nbytes: float, axis: int) -> float:
+    n = self.shape[axis]
+    if n == 1:
+      return 0.0
+    a, b = self._alpha_beta(axis)
+    return a * 2 * (n - 1) + b * 2.0 * (n - 1) / n * nbytes
+
+  def all_gather(self, out_bytes: float, axis: int) -> float:
+    n = self.shape[axis]
+    if n == 1:
+      return 0.0
+    a, b = self._alpha_beta(axis)
+    return a * (n - 1) + b * (n - 1) / n * out_bytes
+
+  def reduce_scatter(self, in_bytes: float, axis: int) -> float:
+    return self.all_gather(in_bytes, axis)
+
+  def all_to_all(self, nbytes: float, axis: int) -> float:
+    n = self.shape[axis]
+    if n == 1:
+      return 0.0
+    a, b = self._alpha_beta(axis)
+    return a * (n - 1) + b * (n - 1) / (n * n) * nbytes * n / 2
+
+  def compute(self, flops: float, nbytes: float, is_matmul: bool) -> float:
+    if is_matmul:
+      return flops / self.profile.flops_per_s
+    return nbytes / self.profile.mem_bytes_per_s

@@ -1,0 +1,234 @@
+"""The auto-sharding ILP and its OR-Tools solver.
+
+``solve(problem) -> Solution | Infeasible`` is pure: it builds a CBC model
+(through ``pywraplp``), solves it with a time limit, and reports status,
+objective, size and wall time.
+
+Model: a binary x[n, s] per node n and strategy s, one per node; per edge
+(u, v) a continuous e[a, b] over pairs of strategy *classes* (strategies that
+look alike to that edge), tied to x by marginals
+    sum_b e[a, b] = sum_{s in class a of u} x[u, s]
+    sum_a e[a, b] = sum_{t in class b of v} x[v, t]
+which forces e to the one pair chosen once x is integral. Memory: at each
+chosen liveness point, sum_n sum_s bytes[n, s] x[n, s] <= budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Edge:
+  """Resharding cost between two nodes, over classes of their strategies."""
+
+  u: int
+  v: int
+  u_class: tuple[int, ...]  # strategy of u -> class index
+  v_class: tuple[int, ...]
+  cost: tuple[tuple[float, ...], ...]  # [class of u][class of v]
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConstraint:
+  """Bytes per device at one liveness point: sum of terms <= budget."""
+
+  terms: tuple[tuple[int, tuple[float, ...]], ...]  # (node, bytes per strategy)
+  label: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """An auto-sharding ILP.
+
+  Attributes:
+    node_costs: per node, the cost of each strategy (seconds).
+    edges: resharding costs between nodes.
+    memory: memory constraints (empty: no budget).
+    memory_budget: bytes per device.
+    time_limit_s: solver wall-clock limit.
+  """
+
+  node_costs: tuple[tuple[float, ...], ...]
+  edges: tuple[Edge, ...] = ()
+  memory: tuple[MemoryConstraint, ...] = ()
+  memory_budget: float | None = None
+  time_limit_s: float = 60.0
+
+  def objective(self, choice) -> float:
+    """The cost of a full assignment (used by tests and brute force)."""
+    total = sum(c[s] for c, s in zip(self.node_costs, choice))
+    for e in self.edges:
+      total += e.cost[e.u_class[choice[e.u]]][e.v_class[choice[e.v]]]
+    return total
+
+  def memory_ok(self, choice) -> bool:
+    if self.memory_budget is None:
+      return True
+    return all(sum(b[choice[n]] for n, b in m.terms) <= self.memory_budget
+               for m in self.memory)
+
+
+@dataclasses.dataclass(frozen=True)
+class Solution:
+  """A solved ILP."""
+
+  choice: tuple[int, ...]
+  objective: float
+  status: str  # "OPTIMAL" or "FEASIBLE" (time limit hit)
+  num_variables: int
+  num_constraints: int
+  solve_seconds: float
+
+  @property
+  def optimal(self) -> bool:
+    return self.status == "OPTIMAL"
+
+
+@dataclasses.dataclass(frozen=True)
+class Infeasible:
+  """No assignment meets the constraints."""
+
+  status: str
+  min_bytes_needed: float
+  budget: float | None
+  worst_point: str
+  num_variables: int
+  num_constraints: int
+  solve_seconds: float
+
+
+def min_memory_needed(problem: Problem) -> tuple[float, str]:
+  """A lower bound on peak bytes per device: each node at its smallest."""
+  worst, label = 0.0, ""
+  for m in problem.memory:
+    need = sum(min(b) for _, b in m.terms)
+    if need > worst:
+      worst, label = need, m.label
+  return worst, label
+
+
+def solve(problem: Problem) -> Solution | Infeasible:
+  """Solves the ILP with CBC; deterministic for a given problem."""
+  from ortools.linear_solver import pywraplp
+
+  t0 = time.perf_counter()
+  solver = pywraplp.Solver.CreateSolver("CBC")
+  if solver is None:  # pragma: no cover - depends on the ortools build
+    solver = pywraplp.Solver.CreateSolver("SCIP")
+  solver.SetTimeLimit(int(problem.time_limit_s * 1000))
+  infinity = solver.infinity()
+  objective = solver.Objective()
+  x: list[list] = []
+  constant = 0.0
+  for n, costs in enumerate(problem.node_costs):
+    if len(costs) == 1:
+      x.append([1.0])
+      constant += costs[0]
+      continue
+    row = [solver.BoolVar(f"x{n}_{s}") for s in range(len(costs))]
+    ct = solver.Constraint(1, 1)
+    for var, c in zip(row, costs):
+      ct.SetCoefficient(var, 1)
+      objective.SetCoefficient(var, float(c))
+    x.append(row)
+
+  for k, e in enumerate(problem.edges):
+    nu, nv = len(e.cost), len(e.cost[0])
+    if nu == 1 or nv == 1:
+      # one side has one class: the cost is linear in the other side's x
+      _add_linear_edge(problem, e, x, objective)
+      continue
+    evars = [[solver.NumVar(0, 1, f"e{k}_{a}_{b}") for b in range(nv)]
+             for a in range(nu)]
+    for a in range(nu):
+      ct = solver.Constraint(0, 0)
+      for b in range(nv):
+        ct.SetCoefficient(evars[a][b], 1)
+        if e.cost[a][b]:
+          objective.SetCoefficient(evars[a][b], float(e.cost[a][b]))
+      for s, cls in enumerate(e.u_class):
+        if cls == a:
+          _coef(ct, x[e.u][s], -1)
+    for b in range(nv):
+      ct = solver.Constraint(0, 0)
+      for a in range(nu):
+        ct.SetCoefficient(evars[a][b], 1)
+      for t, cls in enumerate(e.v_class):
+        if cls == b:
+          _coef(ct, x[e.v][t], -1)
+
+  if problem.memory_budget is not None:
+    for m in problem.memory:
+      fixed = 0.0
+      ct = solver.Constraint(-infinity, 0)
+      for n, b in m.terms:
+        if len(b) == 1:
+          fixed += b[0]
+          continue
+        for s, val in enumerate(b):
+          if val:
+            ct.SetCoefficient(x[n][s], float(val))
+      ct.SetBounds(-infinity, float(problem.memory_budget) - fixed)
+  objective.SetMinimization()
+  num_vars, num_cons = solver.NumVariables(), solver.NumConstraints()
+  status = solver.Solve()
+  elapsed = time.perf_counter() - t0
+  if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+    need, label = min_memory_needed(problem)
+    names = {pywraplp.Solver.INFEASIBLE: "INFEASIBLE",
+             pywraplp.Solver.NOT_SOLVED: "NOT_SOLVED (time limit)",
+             pywraplp.Solver.UNBOUNDED: "UNBOUNDED",
+             pywraplp.Solver.ABNORMAL: "ABNORMAL"}
+    return Infeasible(names.get(status, str(status)), need,
+                      problem.memory_budget, label, num_vars, num_cons, elapsed)
+  choice = []
+  for row in x:
+    if len(row) == 1 and isinstance(row[0], float):
+      choice.append(0)
+    else:
+      choice.append(int(np.argmax([v.solution_value() for v in row])))
+  choice = tuple(choice)
+  return Solution(choice, problem.objective(choice),
+                  "OPTIMAL" if status == pywraplp.Solver.OPTIMAL else "FEASIBLE",
+                  num_vars, num_cons, elapsed)
+
+
+def _coef(ct, var, c):
+  if isinstance(var, float):  # a fixed node: move to the bound
+    lb, ub = ct.lb(), ct.ub()
+    ct.SetBounds(lb - c * var, ub - c * var)
+  else:
+    ct.SetCoefficient(var, c)
+
+
+def _add_linear_edge(problem, e: Edge, x, objective):
+  """Edge cost when one side has a single class: add it to the other's x."""
+  if len(e.cost) == 1:
+    for t, b in enumerate(e.v_class):
+      _obj(objective, x[e.v][t], e.cost[0][b])
+  else:
+    for s, a in enumerate(e.u_class):
+      _obj(objective, x[e.u][s], e.cost[a][0])
+
+
+def _obj(objective, var, c):
+  if isinstance(var, float) or not c:
+    return  # constant: does not change the argmin
+  objective.SetCoefficient(var, objective.GetCoefficient(var) + float(c))
+
+
+def solve_brute_force(problem: Problem) -> tuple[tuple[int, ...], float] | None:
+  """Exhaustive search (for tests on small problems)."""
+  best = None
+  for choice in itertools.product(*[range(len(c)) for c in problem.node_costs]):
+    if not problem.memory_ok(choice):
+      continue
+    obj = problem.objective(choice)
+    if best is None or obj < best[1] - 1e-12:
+      best = (choice, obj)
+  return best

@@ -1,0 +1,1 @@
+"""Sharding strategies: specs, loop nests, per-primitive rules."""

@@ -1,0 +1,68 @@
+"""The strategy registry: op -> strategies, with an explicit default."""
+
+from __future__ import annotations
+
+import warnings
+
+from alpa_py.compiler.cluster_env import LogicalMesh
+from alpa_py.compiler.graph import Literal, Op, OpGraph, TensorInfo
+from alpa_py.compiler.strategies.loop_nest import (LoopNest, Strategy,
+                                                   enumerate_strategies,
+                                                   replicated_nest)
+from alpa_py.compiler.strategies.rules import RULES, default_rule
+
+_warned: set[str] = set()
+
+
+class UnsupportedPrimitiveWarning(UserWarning):
+  """A primitive without a sharding rule was kept replicated."""
+
+
+def _warn_unsupported(name: str) -> None:
+  if name in _warned:
+    return
+  _warned.add(name)
+  warnings.warn(
+      f"alpa_py has no sharding rule for primitive `{name}`; its operands and "
+      "results are kept replicated (correct, but every device does the whole "
+      "op). Add a rule in alpa_py/compiler/strategies/rules.py to shard it.",
+      UnsupportedPrimitiveWarning, stacklevel=3)
+
+
+def loop_nest_for(op: Op, graph: OpGraph) -> LoopNest:
+  """The op's loop nest from its rule (or the replicated default)."""
+  ins = [None if isinstance(t, Literal) else graph.tensor(t) for t in op.inputs]
+  outs = [graph.tensor(t) for t in op.outputs]
+  rule = RULES.get(op.name)
+  if rule is None:
+    _warn_unsupported(op.name)
+    rule = default_rule
+  try:
+    return rule(op, ins, outs)
+  except (KeyError, IndexError, AttributeError, TypeError) as e:
+    # A parameter layout this rule does not know (a newer JAX): stay correct.
+    warnings.warn(f"sharding rule for `{op.name}` failed ({e!r}); kept "
+                  "replicated", UnsupportedPrimitiveWarning, stacklevel=2)
+    return replicated_nest(ins, outs)
+
+
+def strategies_for(op: Op, graph: OpGraph, mesh: LogicalMesh, *,
+                   prefer_reduce_scatter: bool = False,
+                   allow_mixed_mesh_shape: bool = False) -> list[Strategy]:
+  """All strategies of one op on a mesh."""
+  nest = loop_nest_for(op, graph)
+  ins = [None if isinstance(t, Literal) else graph.tensor(t) for t in op.inputs]
+  outs = [graph.tensor(t) for t in op.outputs]
+  return enumerate_strategies(
+      nest, ins, outs, op.flops, op.bytes_accessed, mesh,
+      prefer_reduce_scatter=prefer_reduce_scatter,
+      allow_mixed_mesh_shape=allow_mixed_mesh_shape)
+
+
+def tensor_strategies(info: TensorInfo, mesh: LogicalMesh) -> list[Strategy]:
+  """Every layout of a standalone tensor (a step input)."""
+  r = len(info.shape)
+  nest = LoopNest(sizes=info.shape, shardable=(True,) * r, in_maps=(),
+                  out_maps=(tuple(range(r)),),
+                  labels=tuple(f"d{d}" for d in range(r)))
+  return enumerate_strategies(nest, [], [info], 0.0, 0.0, mesh)

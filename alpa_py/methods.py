@@ -1,0 +1,168 @@
+"""Parallelization methods and their options (frozen, hashable, validated).
+
+``ShardParallel`` runs the intra-operator pass with the full strategy space.
+``DataParallel``, ``Zero2Parallel`` and ``Zero3Parallel`` are the same pass with
+the layouts of the step's inputs fixed: the batch split on dim 0 over all
+devices, and parameters / optimizer state replicated or sharded on their
+largest divisible dim. The ILP still chooses everything inside the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Any, Sequence
+
+from alpa_py.compiler.cluster_env import PROFILE_NAMES
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoShardingOption:
+  """Options of the intra-operator pass (part of the executable cache key).
+
+  Attributes:
+    memory_budget_per_device: bytes one device may hold at the step's peak
+      (None: no limit).
+    force_data_parallel: fix inputs to data-parallel layouts (batch split on
+      dim 0, everything else replicated).
+    allow_all_gather: allow resharding by all-gather (else heavily priced).
+    allow_all_to_all: allow resharding by all-to-all (else heavily priced).
+    prefer_reduce_scatter: offer only reduce-scatter where a partial sum can
+      be either all-reduced or reduce-scattered.
+    allow_mixed_mesh_shape: also split a dim over both mesh axes in the
+      order (1, 0).
+    solver_time_limit_s: wall-clock limit of one ILP solve.
+    cost_profile: ``"cpu"`` (measured here) or a GPU-cluster preset name.
+  """
+
+  memory_budget_per_device: float | None = None
+  force_data_parallel: bool = False
+  allow_all_gather: bool = True
+  allow_all_to_all: bool = True
+  prefer_reduce_scatter: bool = False
+  allow_mixed_mesh_shape: bool = False
+  solver_time_limit_s: float = 60
+  cost_profile: str = "cpu"
+
+  def __post_init__(self):
+    b = self.memory_budget_per_device
+    if b is not None and not (isinstance(b, (int, float)) and b > 0):
+      raise ValueError(f"memory_budget_per_device (={b!r}) must be a positive "
+                       "number of bytes or None")
+    for name in ("force_data_parallel", "allow_all_gather", "allow_all_to_all",
+                 "prefer_reduce_scatter", "allow_mixed_mesh_shape"):
+      if not isinstance(getattr(self, name), bool):
+        raise TypeError(f"AutoShardingOption.{name} (={getattr(self, name)!r}) "
+                        "must be a bool")
+    t = self.solver_time_limit_s
+    if not (isinstance(t, (int, float)) and t > 0):
+      raise ValueError(f"solver_time_limit_s (={t!r}) must be positive")
+    if self.cost_profile not in PROFILE_NAMES:
+      raise ValueError(f"cost_profile (={self.cost_profile!r}) must be one of "
+                       f"{PROFILE_NAMES}")
+
+
+class InputLayout(enum.Enum):
+  """How a method fixes the layout of the step's inputs."""
+
+  AUTO = "auto"  # the ILP chooses
+  DATA_PARALLEL = "data_parallel"  # batch split, state replicated
+  ZERO2 = "zero2"  # batch split, params replicated, optimizer state sharded
+  ZERO3 = "zero3"  # batch split, params and optimizer state sharded
+
+
+def _freeze_devices(devices):
+  if devices is None:
+    return None
+  devices = tuple(devices)
+  if not devices:
+    raise ValueError("devices (=()) must name at least one device")
+  return devices
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardParallel:
+  """Intra-operator parallelism chosen by the ILP on one device mesh.
+
+  Attributes:
+    devices: devices to use (default: all devices of the current cluster).
+    mesh_shape: logical mesh, e.g. ``(2, 4)`` or ``(8,)``; None tries each
+      2-D factorization of the device count and keeps the lowest objective.
+    num_micro_batches: if set, the batch arguments are split along dim 0 and
+      gradients (marked with ``alpa_py.grad``/``value_and_grad``) accumulated.
+    auto_sharding_option: pass options.
+  """
+
+  devices: Sequence[Any] | None = None
+  mesh_shape: tuple[int, ...] | None = None
+  num_micro_batches: int | None = None
+  auto_sharding_option: AutoShardingOption | None = None
+
+  input_layout = InputLayout.AUTO
+
+  def __post_init__(self):
+    object.__setattr__(self, "devices", _freeze_devices(self.devices))
+    if self.mesh_shape is not None:
+      shape = tuple(self.mesh_shape)
+      if not 1 <= len(shape) <= 2 or any(
+          not isinstance(d, int) or d < 1 for d in shape):
+        raise ValueError(f"mesh_shape (={self.mesh_shape!r}) must be a tuple "
+                         "of one or two positive ints, e.g. (8,) or (2, 4)")
+      object.__setattr__(self, "mesh_shape", shape)
+    n = self.num_micro_batches
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+      raise ValueError(f"num_micro_batches (={n!r}) must be a positive int or "
+                       "None")
+    if self.auto_sharding_option is None:
+      object.__setattr__(self, "auto_sharding_option", AutoShardingOption())
+    elif not isinstance(self.auto_sharding_option, AutoShardingOption):
+      raise TypeError("auto_sharding_option must be an AutoShardingOption, got "
+                      f"{type(self.auto_sharding_option).__name__}")
+
+  @property
+  def layout(self) -> InputLayout:
+    if self.auto_sharding_option.force_data_parallel:
+      return InputLayout.DATA_PARALLEL
+    return self.input_layout
+
+  def mesh_shapes(self, num_devices: int) -> list[tuple[int, ...]]:
+    """The logical mesh shapes to try on ``num_devices`` devices."""
+    if self.mesh_shape is not None:
+      if math.prod(self.mesh_shape) != num_devices:
+        raise ValueError(f"mesh_shape (={self.mesh_shape}) has "
+                         f"{math.prod(self.mesh_shape)} devices but "
+                         f"{num_devices} devices are used; pass a shape whose "
+                         "product is the device count, or pick devices=")
+      return [self.mesh_shape]
+    if self.layout is not InputLayout.AUTO:
+      return [(num_devices,)]
+    return [(a, num_devices // a) for a in range(1, num_devices + 1)
+            if num_devices % a == 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel(ShardParallel):
+  """Batch split over all devices; parameters and optimizer state replicated."""
+
+  input_layout = InputLayout.DATA_PARALLEL
+
+
+@dataclasses.dataclass(frozen=True)
+class Zero2Parallel(ShardParallel):
+  """Data parallel with optimizer state sharded (gradients reduce-scattered)."""
+
+  input_layout = InputLayout.ZERO2
+
+  def __post_init__(self):
+    super().__post_init__()
+    opt = dataclasses.replace(self.auto_sharding_option,
+                              prefer_reduce_scatter=True)
+    object.__setattr__(self, "auto_sharding_option", opt)
+
+
+@dataclasses.dataclass(frozen=True)
+class Zero3Parallel(Zero2Parallel):
+  """Data parallel with parameters and optimizer state sharded."""
+
+  input_layout = InputLayout.ZERO3

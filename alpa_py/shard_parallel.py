@@ -1,0 +1,255 @@
+"""Compiling one step with ShardParallel and its constrained variants.
+
+trace -> OpGraph -> (per candidate mesh) ILP -> best plan -> lowering -> XLA.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import warnings
+
+import jax
+
+from alpa_py import _progress
+from alpa_py.compiler.auto_sharding import (InfeasiblePlanError, PassConfig,
+                                            ShardingSolution, run_auto_sharding)
+from alpa_py.compiler.cluster_env import LogicalMesh, get_profile
+from alpa_py.compiler.graph import OpGraph, build_graph
+from alpa_py.compiler.lowering import (io_shardings, make_mesh, make_step_fn,
+                                       tensor_spec, to_partition_spec)
+from alpa_py.compiler.strategies.spec import FORBIDDEN_PENALTY, replicated
+from alpa_py.executable import (Executable, OpPlan, ShardingPlan, SolveStats,
+                                TensorPlan)
+from alpa_py.methods import AutoShardingOption, InputLayout, ShardParallel
+
+_OPT_STATE_NAMES = {"opt_state", "mu", "nu", "momentum", "trace"}
+
+
+def pass_config(opt: AutoShardingOption) -> PassConfig:
+  return PassConfig(memory_budget=opt.memory_budget_per_device,
+                    allow_all_gather=opt.allow_all_gather,
+                    allow_all_to_all=opt.allow_all_to_all,
+                    prefer_reduce_scatter=opt.prefer_reduce_scatter,
+                    allow_mixed_mesh_shape=opt.allow_mixed_mesh_shape,
+                    time_limit_s=float(opt.solver_time_limit_s))
+
+
+def is_optimizer_state(path: str) -> bool:
+  """Whether a flat input's path names optimizer state (``opt_state``, ...)."""
+  return any(tok in _OPT_STATE_NAMES for tok in re.findall(r"[A-Za-z_]\w*", path))
+
+
+def _largest_dim_spec(shape, axes, mesh_shape):
+  n = math.prod(mesh_shape[a] for a in axes)
+  for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[d] % n == 0 and n > 1:
+      return tuple(axes if k == d else () for k in range(len(shape)))
+  return replicated(len(shape))
+
+
+def input_specs(layout: InputLayout, sig, mesh_shape, batch_shapes=None):
+  """The specs each flat input may take under a method's layout policy."""
+  if layout is InputLayout.AUTO:
+    return {}
+  axes = tuple(a for a, s in enumerate(mesh_shape) if s > 1)
+  n = math.prod(mesh_shape)
+  specs = {}
+  for i, (leaf, owner, path) in enumerate(zip(sig.leaves, sig.owners, sig.paths)):
+    shape = tuple(leaf.shape) if batch_shapes is None else batch_shapes[i]
+    r = len(shape)
+    if r == 0:
+      continue
+    if owner in sig.batch:
+      if shape[0] % n:
+        raise ValueError(f"{path}: batch dim 0 (={shape[0]}) must be divisible "
+                         f"by the number of devices (={n}) for data-parallel "
+                         "methods")
+      specs[i] = [(axes,) + ((),) * (r - 1)]
+    elif layout is InputLayout.DATA_PARALLEL:
+      specs[i] = [replicated(r)]
+    elif layout is InputLayout.ZERO3 or is_optimizer_state(path):
+      specs[i] = [_largest_dim_spec(shape, axes, mesh_shape)]
+    else:
+      specs[i] = [replicated(r)]
+  return specs
+
+
+def find_aliases(out, sig, leaves):
+  """(flat output, flat input) pairs: an output subtree that is an argument's
+  next value (same tree structure, shapes and dtypes), e.g. the new state."""
+  candidates = [(0, out)]
+  if isinstance(out, (tuple, list)):
+    offset = 0
+    for item in out:
+      candidates.append((offset, item))
+      offset += len(jax.tree_util.tree_leaves(item))
+  arg_offsets = {}
+  offset = 0
+  for n, treedef in zip(sig.dyn_argnums, sig.treedefs):
+    arg_offsets[n] = (offset, treedef)
+    offset += treedef.num_leaves
+  pairs = []
+  used = set()
+  for out_off, sub in candidates:
+    sub_leaves, sub_def = jax.tree_util.tree_flatten(sub)
+    for n in sig.dyn_argnums:
+      if n in sig.batch or n in used:
+        continue
+      in_off, treedef = arg_offsets[n]
+      if treedef != sub_def:
+        continue
+      ok = all(getattr(a, "shape", None) == b.shape and
+               getattr(a, "dtype", None) == b.dtype
+               for a, b in zip(sub_leaves, leaves[in_off:in_off + len(sub_leaves)]))
+      if ok:
+        pairs.extend((out_off + k, in_off + k) for k in range(len(sub_leaves)))
+        used.add(n)
+        break
+  return pairs
+
+
+def trace(fun, sig, leaves_sds):
+  """Traces ``fun`` on abstract flat inputs: (ClosedJaxpr, out tree, aliases)."""
+  info = {}
+
+  def flat_fun(*leaves):
+    out = fun(*sig.rebuild_args(leaves))
+    out_leaves, out_tree = jax.tree_util.tree_flatten(out)
+    info["tree"] = out_tree
+    info["aliases"] = find_aliases(out, sig, leaves)
+    return out_leaves
+
+  closed = jax.make_jaxpr(flat_fun)(*leaves_sds)
+  return closed, info["tree"], info["aliases"]
+
+
+def solve_meshes(graph: OpGraph, method: ShardParallel, num_devices: int,
+                 specs_for_mesh, alias_pairs, layout: InputLayout):
+  """Runs the pass on each candidate mesh; returns (best, candidates)."""
+  opt = method.auto_sharding_option
+  profile = get_profile(opt.cost_profile)
+  cfg = pass_config(opt)
+  aliases = [(graph.outvars[o], graph.invars[i]) for o, i in alias_pairs
+             if isinstance(graph.outvars[o], int)]
+  penalty = 0.0 if layout is InputLayout.AUTO else FORBIDDEN_PENALTY
+  best, candidates, failures = None, [], []
+  for shape in method.mesh_shapes(num_devices):
+    try:
+      sol = run_auto_sharding(graph, LogicalMesh(shape, profile), cfg,
+                              input_specs=specs_for_mesh(shape),
+                              aliases=aliases, alias_penalty=penalty)
+    except InfeasiblePlanError as e:
+      failures.append(e)
+      continue
+    candidates.append((shape, sol.objective))
+    if best is None or sol.objective < best.objective - 1e-15:
+      best = sol
+  if best is None:
+    raise failures[0]
+  return best, tuple(candidates)
+
+
+def _shapes_str(graph: OpGraph, op) -> str:
+  parts = []
+  for t in op.inputs:
+    if isinstance(t, int):
+      info = graph.tensor(t)
+      parts.append(f"{info.dtype}{list(info.shape)}")
+  return " x ".join(parts)
+
+
+def make_plan(graph: OpGraph, sol: ShardingSolution, sig, out_count, method,
+              mesh, num_micro_batches=1, out_names=None) -> ShardingPlan:
+  names = mesh.axis_names
+  inputs = tuple(
+      TensorPlan(path, graph.tensor(t).shape, str(graph.tensor(t).dtype),
+                 to_partition_spec(tensor_spec(graph, sol, t), names))
+      for path, t in zip(sig.paths, graph.invars))
+  outputs = []
+  for k, ref in enumerate(graph.outvars[:out_count]):
+    spec = tensor_spec(graph, sol, ref)
+    if isinstance(ref, int):
+      info = graph.tensor(ref)
+      shape, dtype = info.shape, str(info.dtype)
+    else:
+      shape, dtype = (), type(ref.value).__name__
+    name = out_names[k] if out_names else f"out{k}"
+    outputs.append(TensorPlan(name, shape, dtype, to_partition_spec(spec, names)))
+  ops = []
+  for op in graph.ops:
+    if op.name in ("dot_general", "conv_general_dilated"):
+      out_t = op.outputs[0]
+      ops.append(OpPlan(op.index, op.name, _shapes_str(graph, op),
+                        sol.strategy_of.get(op.index, "follows operand"),
+                        to_partition_spec(tensor_spec(graph, sol, out_t), names)))
+  return ShardingPlan(
+      method=type(method).__name__, mesh_shape=sol.mesh_shape,
+      axis_names=tuple(names), inputs=inputs, outputs=tuple(outputs),
+      ops=tuple(ops), num_micro_batches=num_micro_batches,
+      cost_profile=method.auto_sharding_option.cost_profile,
+      predicted_step_seconds=sol.objective,
+      estimated_peak_bytes=sol.estimated_peak_bytes)
+
+
+def out_names_of(out_tree) -> list[str]:
+  dummy = jax.tree_util.tree_unflatten(out_tree, list(range(out_tree.num_leaves)))
+  flat, _ = jax.tree_util.tree_flatten_with_path(dummy)
+  return [f"out{jax.tree_util.keystr(p)}" for p, _ in flat]
+
+
+def solve_stats(sol: ShardingSolution, candidates, compile_s=0.0) -> SolveStats:
+  return SolveStats(status=sol.status, objective=sol.objective,
+                    num_variables=sol.num_variables,
+                    num_constraints=sol.num_constraints,
+                    solve_seconds=sol.solve_seconds, num_nodes=sol.num_nodes,
+                    num_edges=sol.num_edges, mesh_candidates=candidates,
+                    compile_seconds=compile_s)
+
+
+def check_budget(ex: Executable, method: ShardParallel) -> None:
+  budget = method.auto_sharding_option.memory_budget_per_device
+  if budget is not None and ex.memory_per_device() > budget:
+    warnings.warn(
+        f"XLA's compiled step uses {ex.memory_per_device()} bytes per device, "
+        f"above memory_budget_per_device={budget:.0f} (the ILP estimated "
+        f"{ex.plan.estimated_peak_bytes:.0f}); XLA's buffer assignment differs "
+        "from the ILP's liveness model. Lower the budget to leave headroom.")
+
+
+def compile_step(fun, args, sig, method: ShardParallel) -> Executable:
+  """Compiles ``fun`` for the call signature ``sig`` under ``method``."""
+  t_start = time.perf_counter()
+  n = method.num_micro_batches
+  if n is not None and n > 1:
+    from alpa_py.compiler.accumulation import compile_accumulated
+    return compile_accumulated(fun, sig, method)
+  sds = [jax.ShapeDtypeStruct(x.shape, x.dtype,
+                              weak_type=getattr(jax.typeof(x), "weak_type", False))
+         for x in sig.leaves]
+  with _progress.step("tracing"):
+    closed, out_tree, alias_pairs = trace(fun, sig, sds)
+  graph = build_graph(closed)
+  _progress.log(f"graph: {graph.summary()}")
+  devices = sig.devices
+  layout = method.layout
+  best, candidates = solve_meshes(
+      graph, method, len(devices),
+      lambda shape: input_specs(layout, sig, shape), alias_pairs, layout)
+  mesh = make_mesh(devices, best.mesh_shape)
+  fn = make_step_fn(graph, best, mesh)
+  ins, outs = io_shardings(graph, best, mesh)
+  donate = tuple(i for i, o in enumerate(sig.owners) if o in sig.donate)
+  lowered_args = [jax.ShapeDtypeStruct(s.shape, s.dtype, weak_type=s.weak_type,
+                                       sharding=sh) for s, sh in zip(sds, ins)]
+  with _progress.step("XLA lowering + compile"):
+    compiled = jax.jit(fn, in_shardings=tuple(ins), out_shardings=tuple(outs),
+                       donate_argnums=donate).lower(*lowered_args).compile()
+  plan = make_plan(graph, best, sig, len(graph.outvars), method, mesh,
+                   out_names=out_names_of(out_tree))
+  ex = Executable(compiled, plan, mesh,
+                  solve_stats(best, candidates, time.perf_counter() - t_start),
+                  ins, out_tree)
+  check_budget(ex, method)
+  return ex

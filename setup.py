@@ -1,0 +1,28 @@
+"""alpa_py: auto-parallelizing training compiler for JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="alpa_py",
+    version="0.1.0",
+    description="Auto-parallelizing training compiler for JAX (Alpa on today's JAX)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["alpa_py", "alpa_py.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.0,<0.12",
+        "jaxlib>=0.10.0,<0.12",
+        "flax>=0.10.0,<0.14",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "ortools>=9.12,<10",
+        "numpy>=1.26,<3",
+        "ray>=2.40,<3",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7"],
+        "gpu": ["cupy-cuda13x>=13,<15"],
+    },
+    entry_points={"console_scripts": ["alpa-py=alpa_py.cli:main"]},
+)
