@@ -35,6 +35,14 @@ FOLLOWERS = frozenset(ELEMENTWISE) | {
     "transpose", "reshape", "squeeze", "expand_dims", "cumsum", "cumprod",
     "cummax", "cummin", "cumlogsumexp", "slice", "rev", "pad", "dynamic_slice"}
 
+# Reductions and broadcasts follow their operand too: the reduced / broadcast
+# dims are then decided by the operand's layout (and, for sums over a split
+# dim, all-reduce or reduce-scatter, whichever is cheaper).
+SHAPE_CHANGING_FOLLOWERS = frozenset({
+    "broadcast_in_dim", "reduce_sum", "reduce_max", "reduce_min",
+    "reduce_prod", "argmax", "argmin"})
+FOLLOWERS = FOLLOWERS | SHAPE_CHANGING_FOLLOWERS
+
 _MEMORY_POINTS = 64
 
 
@@ -124,11 +132,13 @@ def _follow_target(op, graph: OpGraph, node_of, nodes):
   if any(t in graph.outvar_set for t in op.outputs):
     return None  # a step output's layout is a decision of its own (next step)
   out_size = graph.tensor(op.outputs[0]).size
+  any_size = op.name in SHAPE_CHANGING_FOLLOWERS
   for pos, t in enumerate(op.inputs):
     if isinstance(t, Literal) or t not in node_of:
       continue
     info = graph.tensor(t)
-    if info.size == out_size and info.shape and len(nodes[node_of[t]].cost) > 1:
+    if (info.size == out_size or any_size) and info.shape and \
+        len(nodes[node_of[t]].cost) > 1:
       return pos, t
   return None
 
@@ -170,12 +180,15 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, cfg: PassConfig,
         # cheaper-looking strategy that reshards here would ignore what the
         # consumers downstream pay for the new layout.
         exact = [k for k, st in enumerate(strats) if st.in_specs[pos] == spec]
-        best_k, best_c = 0, math.inf
+        best_k, best_key, best_c = 0, None, math.inf
         for k in exact or range(len(strats)):
           st = strats[k]
           c = st.cost + rc(spec, st.in_specs[pos], nbytes)
-          if c < best_c:
-            best_k, best_c = k, c
+          # a broadcast follows by leaving its new dims whole
+          key = (num_shards(st.out_specs[0], mesh.shape), c) \
+              if op.name == "broadcast_in_dim" else (c,)
+          if best_key is None or key < best_key:
+            best_k, best_key, best_c = k, key, c
         picks.append(best_k)
         node.cost[s] += best_c
       for j, out in enumerate(op.outputs):

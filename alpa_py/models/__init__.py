@@ -1,0 +1,8 @@
+"""Plain Flax models for tests, examples and benchmarks (no mesh knowledge)."""
+
+from alpa_py.models.conv import ConvNet as ConvNet
+from alpa_py.models.gpt import GPT as GPT
+from alpa_py.models.gpt import GPTConfig as GPTConfig
+from alpa_py.models.mlp import MLP as MLP
+from alpa_py.models.moe import MoELayer as MoELayer
+from alpa_py.models.moe import MoEModel as MoEModel

@@ -1,0 +1,75 @@
+"""A mixture-of-experts layer (top-2 gating) and a small MoE transformer.
+
+Experts are one batched weight ``[num_experts, ...]`` so that expert
+parallelism is a sharding of that leading dim, which the ILP can find.
+Dispatch follows GShard: each expert takes at most ``capacity`` tokens; tokens
+over capacity skip the expert (their residual path carries them).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class MoELayer(nn.Module):
+  """Top-2 gated experts, each a two-layer MLP."""
+
+  num_experts: int
+  hidden: int
+  ffn: int
+  capacity_factor: float = 2.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])  # [T, H]
+    t, e = x.shape[0], self.num_experts
+    cap = max(1, int(self.capacity_factor * 2 * t / e))
+    gate = nn.Dense(e, use_bias=False, name="gate")(x)
+    probs = jax.nn.softmax(gate, axis=-1)
+    top_p, top_i = jax.lax.top_k(probs, 2)
+    top_p = top_p / top_p.sum(-1, keepdims=True)
+    mask1 = jax.nn.one_hot(top_i[:, 0], e, dtype=x.dtype)
+    mask2 = jax.nn.one_hot(top_i[:, 1], e, dtype=x.dtype)
+    pos1 = jnp.cumsum(mask1, axis=0) - mask1
+    pos2 = jnp.cumsum(mask2, axis=0) - mask2 + mask1.sum(0, keepdims=True)
+    keep1 = mask1 * (pos1 < cap)
+    keep2 = mask2 * (pos2 < cap)
+    slot1 = jax.nn.one_hot((pos1 * keep1).sum(-1).astype(jnp.int32), cap,
+                           dtype=x.dtype)
+    slot2 = jax.nn.one_hot((pos2 * keep2).sum(-1).astype(jnp.int32), cap,
+                           dtype=x.dtype)
+    # combine[t, e, c]: weight of token t in slot c of expert e
+    combine = (top_p[:, 0, None, None] * keep1[:, :, None] * slot1[:, None, :] +
+               top_p[:, 1, None, None] * keep2[:, :, None] * slot2[:, None, :])
+    dispatch = (combine > 0).astype(x.dtype)
+    w1 = self.param("w1", nn.initializers.lecun_normal(batch_axis=(0,)),
+                    (e, self.hidden, self.ffn))
+    w2 = self.param("w2", nn.initializers.lecun_normal(batch_axis=(0,)),
+                    (e, self.ffn, self.hidden))
+    xe = jnp.einsum("tec,th->ech", dispatch, x)
+    he = jax.nn.relu(jnp.einsum("ech,ehf->ecf", xe, w1))
+    ye = jnp.einsum("ecf,efh->ech", he, w2)
+    y = jnp.einsum("tec,ech->th", combine, ye)
+    return y.reshape(shape)
+
+
+class MoEModel(nn.Module):
+  """Embedding -> (attention-free) blocks of [dense MLP, MoE] -> logits."""
+
+  vocab_size: int = 128
+  hidden: int = 64
+  num_experts: int = 8
+  num_layers: int = 2
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    embed = nn.Embed(self.vocab_size, self.hidden, name="wte")
+    x = embed(tokens)
+    for i in range(self.num_layers):
+      y = nn.LayerNorm()(x)
+      x = x + nn.Dense(self.hidden, name=f"dense_{i}")(nn.gelu(y))
+      y = nn.LayerNorm()(x)
+      x = x + MoELayer(self.num_experts, self.hidden, 2 * self.hidden,
+                       name=f"moe_{i}")(y)
+    return embed.attend(nn.LayerNorm()(x))
