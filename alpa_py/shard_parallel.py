@@ -5,10 +5,10 @@ trace -> OpGraph -> (per candidate mesh) ILP -> best plan -> lowering -> XLA.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
-import warnings
 
 import jax
 
@@ -24,6 +24,7 @@ from alpa_py.executable import (Executable, OpPlan, ShardingPlan, SolveStats,
                                 TensorPlan)
 from alpa_py.methods import AutoShardingOption, InputLayout, ShardParallel
 
+_BUDGET_ATTEMPTS = 4
 _OPT_STATE_NAMES = {"opt_state", "mu", "nu", "momentum", "trace"}
 
 
@@ -126,11 +127,12 @@ def trace(fun, sig, leaves_sds):
 
 
 def solve_meshes(graph: OpGraph, method: ShardParallel, num_devices: int,
-                 specs_for_mesh, alias_pairs, layout: InputLayout):
+                 specs_for_mesh, alias_pairs, layout: InputLayout,
+                 memory_budget=None):
   """Runs the pass on each candidate mesh; returns (best, candidates)."""
   opt = method.auto_sharding_option
   profile = get_profile(opt.cost_profile)
-  cfg = pass_config(opt)
+  cfg = dataclasses.replace(pass_config(opt), memory_budget=memory_budget)
   aliases = [(graph.outvars[o], graph.invars[i]) for o, i in alias_pairs
              if isinstance(graph.outvars[o], int)]
   penalty = 0.0 if layout is InputLayout.AUTO else FORBIDDEN_PENALTY
@@ -161,12 +163,14 @@ def _shapes_str(graph: OpGraph, op) -> str:
 
 
 def make_plan(graph: OpGraph, sol: ShardingSolution, sig, out_count, method,
-              mesh, num_micro_batches=1, out_names=None) -> ShardingPlan:
+              mesh, num_micro_batches=1, out_names=None,
+              input_shapes=None) -> ShardingPlan:
   names = mesh.axis_names
+  input_shapes = input_shapes or [graph.tensor(t).shape for t in graph.invars]
   inputs = tuple(
-      TensorPlan(path, graph.tensor(t).shape, str(graph.tensor(t).dtype),
+      TensorPlan(path, shape, str(graph.tensor(t).dtype),
                  to_partition_spec(tensor_spec(graph, sol, t), names))
-      for path, t in zip(sig.paths, graph.invars))
+      for path, t, shape in zip(sig.paths, graph.invars, input_shapes))
   outputs = []
   for k, ref in enumerate(graph.outvars[:out_count]):
     spec = tensor_spec(graph, sol, ref)
@@ -208,48 +212,80 @@ def solve_stats(sol: ShardingSolution, candidates, compile_s=0.0) -> SolveStats:
                     compile_seconds=compile_s)
 
 
-def check_budget(ex: Executable, method: ShardParallel) -> None:
-  budget = method.auto_sharding_option.memory_budget_per_device
-  if budget is not None and ex.memory_per_device() > budget:
-    warnings.warn(
-        f"XLA's compiled step uses {ex.memory_per_device()} bytes per device, "
-        f"above memory_budget_per_device={budget:.0f} (the ILP estimated "
-        f"{ex.plan.estimated_peak_bytes:.0f}); XLA's buffer assignment differs "
-        "from the ILP's liveness model. Lower the budget to leave headroom.")
-
-
 def compile_step(fun, args, sig, method: ShardParallel) -> Executable:
   """Compiles ``fun`` for the call signature ``sig`` under ``method``."""
+  from alpa_py.compiler import accumulation
+
   t_start = time.perf_counter()
-  n = method.num_micro_batches
-  if n is not None and n > 1:
-    from alpa_py.compiler.accumulation import compile_accumulated
-    return compile_accumulated(fun, sig, method)
-  sds = [jax.ShapeDtypeStruct(x.shape, x.dtype,
-                              weak_type=getattr(jax.typeof(x), "weak_type", False))
-         for x in sig.leaves]
+  n = method.num_micro_batches or 1
+  shapes = [tuple(x.shape) for x in sig.leaves]
+  if n > 1:
+    shapes = accumulation.micro_batch_shapes(sig.leaves, sig.owners, sig.batch,
+                                             sig.paths, n)
+  weak = [bool(getattr(jax.typeof(x), "weak_type", False)) for x in sig.leaves]
+  trace_sds = [jax.ShapeDtypeStruct(shape, x.dtype, weak_type=w)
+               for shape, x, w in zip(shapes, sig.leaves, weak)]
   with _progress.step("tracing"):
-    closed, out_tree, alias_pairs = trace(fun, sig, sds)
+    closed, out_tree, alias_pairs = trace(fun, sig, trace_sds)
   graph = build_graph(closed)
   _progress.log(f"graph: {graph.summary()}")
+  batch_inputs = {i for i, o in enumerate(sig.owners) if o in sig.batch}
+  part = None
+  if n > 1:
+    part = accumulation.partition(graph, batch_inputs, n,
+                                  out_names_of(out_tree))
   devices = sig.devices
   layout = method.layout
-  best, candidates = solve_meshes(
-      graph, method, len(devices),
-      lambda shape: input_specs(layout, sig, shape), alias_pairs, layout)
-  mesh = make_mesh(devices, best.mesh_shape)
-  fn = make_step_fn(graph, best, mesh)
-  ins, outs = io_shardings(graph, best, mesh)
-  donate = tuple(i for i, o in enumerate(sig.owners) if o in sig.donate)
-  lowered_args = [jax.ShapeDtypeStruct(s.shape, s.dtype, weak_type=s.weak_type,
-                                       sharding=sh) for s, sh in zip(sds, ins)]
-  with _progress.step("XLA lowering + compile"):
-    compiled = jax.jit(fn, in_shardings=tuple(ins), out_shardings=tuple(outs),
-                       donate_argnums=donate).lower(*lowered_args).compile()
-  plan = make_plan(graph, best, sig, len(graph.outvars), method, mesh,
-                   out_names=out_names_of(out_tree))
-  ex = Executable(compiled, plan, mesh,
-                  solve_stats(best, candidates, time.perf_counter() - t_start),
-                  ins, out_tree)
-  check_budget(ex, method)
+  budget = method.auto_sharding_option.memory_budget_per_device
+  ilp_budget = budget
+  for attempt in range(_BUDGET_ATTEMPTS):
+    try:
+      best, candidates = solve_meshes(
+          graph, method, len(devices),
+          lambda shape: input_specs(layout, sig, shape, shapes), alias_pairs,
+          layout, ilp_budget)
+    except InfeasiblePlanError as e:
+      if attempt == 0:
+        raise
+      raise InfeasiblePlanError(
+          f"no plan fits memory_budget_per_device={budget:.0f} bytes: the "
+          f"smallest plan XLA compiled needs {best_bytes} bytes per device, and "
+          f"tighter plans are infeasible ({e}). Raise the budget or use more "
+          "devices.") from None
+    mesh = make_mesh(devices, best.mesh_shape)
+    if part is None:
+      fn = make_step_fn(graph, best, mesh)
+    else:
+      fn = accumulation.make_accumulating_fn(graph, best, mesh, part,
+                                             batch_inputs, n)
+    ins, outs = io_shardings(graph, best, mesh)
+    donate = tuple(i for i, o in enumerate(sig.owners) if o in sig.donate)
+    lowered_args = [jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=w,
+                                         sharding=sh)
+                    for x, w, sh in zip(sig.leaves, weak, ins)]
+    with _progress.step("XLA lowering + compile"):
+      compiled = jax.jit(fn, in_shardings=tuple(ins), out_shardings=tuple(outs),
+                         donate_argnums=donate).lower(*lowered_args).compile()
+    plan = make_plan(graph, best, sig, len(graph.outvars), method, mesh,
+                     num_micro_batches=n, out_names=out_names_of(out_tree),
+                     input_shapes=[tuple(x.shape) for x in sig.leaves])
+    ex = Executable(compiled, plan, mesh,
+                    solve_stats(best, candidates, time.perf_counter() - t_start),
+                    ins, out_tree)
+    used = ex.memory_per_device()
+    if budget is None or used <= budget:
+      break
+    # XLA's buffer assignment (resharding temporaries, fusion buffers) needs
+    # more than the ILP's liveness model counted: re-plan with the ILP's
+    # budget scaled by what was missed.
+    best_bytes = used if attempt == 0 else min(best_bytes, used)
+    ilp_budget = ilp_budget * budget / used * 0.95
+    _progress.log(f"XLA's step needs {used} bytes per device, above the budget "
+                  f"{budget:.0f}; re-planning with an ILP budget of "
+                  f"{ilp_budget:.0f}")
+  else:
+    raise InfeasiblePlanError(
+        f"no plan fits memory_budget_per_device={budget:.0f} bytes: after "
+        f"{_BUDGET_ATTEMPTS} plans the smallest XLA compiled needs "
+        f"{best_bytes} bytes per device. Raise the budget or use more devices.")
   return ex

@@ -285,6 +285,8 @@ def _memory_constraints(graph: OpGraph, nodes, node_of, mesh_shape):
   points = sorted(set(order[:_MEMORY_POINTS // 2]) |
                   set(range(0, len(live), max(1, len(live) //
                                               (_MEMORY_POINTS // 2)))))
+  roots = {node.root_op: n for n, node in enumerate(nodes)
+           if node.root_op is not None and len(node.cost) > 1}
   constraints = []
   for p in points:
     point = p - 1  # live after op p-1 ran, before op p
@@ -299,6 +301,19 @@ def _memory_constraints(graph: OpGraph, nodes, node_of, mesh_shape):
         row = per_node.setdefault(n, [0.0] * len(nodes[n].cost))
         for s, spec in enumerate(specs):
           row[s] += nbytes / num_shards(spec, mesh_shape)
+    if point >= 0 and point in roots:
+      # The operands an op reads in a layout other than their producer's
+      # are copies (an all-gather's output, say) that live while it runs.
+      # Counted for every strategy: conservative where no copy is made.
+      n = roots[point]
+      for t, op_idx, _, req, _ in nodes[n].reqs:
+        if op_idx != point or not graph.tensor(t).shape:
+          continue
+        nbytes = graph.tensor(t).nbytes
+        row = per_node.setdefault(n, [0.0] * len(nodes[n].cost))
+        for s, spec in enumerate(req):
+          if spec is not None:
+            row[s] += nbytes / num_shards(spec, mesh_shape)
     label = (f"after op {point} ({graph.ops[point].name})" if point >= 0
              else "at step start")
     constraints.append(ilp.MemoryConstraint(

@@ -196,19 +196,23 @@ class LogicalMesh:
       return self.profile.inter_alpha, self.profile.inter_beta
     return self.profile.intra_alpha, self.profile.intra_beta
 
+  # Ring collectives: an all-reduce takes 2(n-1) steps, an all-gather or a
+  # reduce-scatter n-1; each collective also pays one alpha to start, so that
+  # one all-reduce is cheaper than the reduce-scatter + all-gather it equals.
+
   def all_reduce(self, nbytes: float, axis: int) -> float:
     n = self.shape[axis]
     if n == 1:
       return 0.0
     a, b = self._alpha_beta(axis)
-    return a * 2 * (n - 1) + b * 2.0 * (n - 1) / n * nbytes
+    return a * (2 * n - 1) + b * 2.0 * (n - 1) / n * nbytes
 
   def all_gather(self, out_bytes: float, axis: int) -> float:
     n = self.shape[axis]
     if n == 1:
       return 0.0
     a, b = self._alpha_beta(axis)
-    return a * (n - 1) + b * (n - 1) / n * out_bytes
+    return a * n + b * (n - 1) / n * out_bytes
 
   def reduce_scatter(self, in_bytes: float, axis: int) -> float:
     return self.all_gather(in_bytes, axis)
@@ -218,7 +222,7 @@ class LogicalMesh:
     if n == 1:
       return 0.0
     a, b = self._alpha_beta(axis)
-    return a * (n - 1) + b * (n - 1) / (n * n) * nbytes * n / 2
+    return a * n + b * (n - 1) / (n * n) * nbytes * n / 2
 
   def compute(self, flops: float, nbytes: float, is_matmul: bool) -> float:
     if is_matmul:

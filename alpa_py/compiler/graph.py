@@ -283,7 +283,7 @@ def evaluate(graph: OpGraph, args: Sequence[Any], *, on_output=None,
     One value per graph output.
   """
   env = {} if env is None else env
-  for t, val in zip(graph.invars, args):
+  for t, val in zip(graph.invars, args or ()):
     env.setdefault(t, val)
   for t, val in graph.consts.items():
     env.setdefault(t, val)

@@ -17,8 +17,12 @@ chosen liveness point, sum_n sum_s bytes[n, s] x[n, s] <= budget.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import itertools
+import os
+import sys
 import time
 
 import numpy as np
@@ -233,7 +237,8 @@ def _solve_mip(problem: Problem, relax: bool) -> Solution | Infeasible:
   objective.SetOffset(objective.offset() + constant)
   objective.SetMinimization()
   num_vars, num_cons = solver.NumVariables(), solver.NumConstraints()
-  status = solver.Solve()
+  with _quiet_stdout():
+    status = solver.Solve()
   elapsed = time.perf_counter() - t0
   if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
     need, label = min_memory_needed(problem)
@@ -255,6 +260,28 @@ def _solve_mip(problem: Problem, relax: bool) -> Solution | Infeasible:
   return Solution(choice, problem.objective(choice),
                   "OPTIMAL" if status == pywraplp.Solver.OPTIMAL else "FEASIBLE",
                   num_vars, num_cons, elapsed)
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+  """Silences the solver's C-level banner (HiGHS prints it on stdout)."""
+  libc = ctypes.CDLL(None)
+  try:
+    sys.stdout.flush()
+    saved = os.dup(1)
+  except (OSError, ValueError):  # no real stdout (e.g. captured): nothing to do
+    yield
+    return
+  try:
+    with open(os.devnull, "w") as devnull:
+      os.dup2(devnull.fileno(), 1)
+      try:
+        yield
+      finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+  finally:
+    os.close(saved)
 
 
 def _coef(ct, var, c):
