@@ -131,6 +131,11 @@ def measure_cpu_profile(devices=None) -> CostProfile:
   t_ew = _timeit(ew, x)
   mem_bw = 2.0 * 4 * e / t_ew
 
+  if n == 1:  # no collectives to measure
+    return CostProfile("cpu", flops_per_s=flops, mem_bytes_per_s=mem_bw,
+                       intra_alpha=1e-5, intra_beta=1 / mem_bw,
+                       inter_alpha=1e-5, inter_beta=1 / mem_bw,
+                       devices_per_node=1 << 30)
   # all-reduce of a [n, k] array sharded on dim 0, summed over dim 0.
   ar = jax.jit(lambda v: v.sum(0), out_shardings=rep)
   times = []
