@@ -22,7 +22,7 @@ ELEMENTWISE = (
     "bessel_i1e cbrt ceil clamp clz conj convert_element_type copy copy_p cos "
     "cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt igamma "
     "igammac imag integer_pow is_finite le lgamma log log1p logistic lt max "
-    "min mul ne neg nextafter not or polygamma population_count pow real "
+    "min mul ne neg nextafter not one_minus_square or polygamma population_count pow real "
     "reduce_precision rem round rsqrt select_n shift_left "
     "shift_right_arithmetic shift_right_logical sign sin sinh sqrt square "
     "stop_gradient sub tan tanh xor threefry2x32 zeta").split()
