@@ -3,16 +3,25 @@
 from alpa_py.api import parallelize as parallelize
 from alpa_py.api import ParallelizedFunc as ParallelizedFunc
 from alpa_py.compiler.auto_sharding import InfeasiblePlanError as InfeasiblePlanError
+from alpa_py.compiler.layers import AutoLayerOption as AutoLayerOption
+from alpa_py.compiler.layers import ManualLayerOption as ManualLayerOption
 from alpa_py.compiler.markers import grad as grad
+from alpa_py.compiler.markers import mark_pipeline_boundary as mark_pipeline_boundary
 from alpa_py.compiler.markers import value_and_grad as value_and_grad
 from alpa_py.compiler.strategies.registry import UnsupportedPrimitiveWarning as UnsupportedPrimitiveWarning
 from alpa_py.executable import Executable as Executable
 from alpa_py.executable import ShardingPlan as ShardingPlan
 from alpa_py.methods import AutoShardingOption as AutoShardingOption
+from alpa_py.compiler.stages import AutoStageOption as AutoStageOption
+from alpa_py.compiler.stages import ManualStageOption as ManualStageOption
+from alpa_py.compiler.stages import UniformStageOption as UniformStageOption
 from alpa_py.methods import DataParallel as DataParallel
+from alpa_py.methods import PipeshardParallel as PipeshardParallel
 from alpa_py.methods import ShardParallel as ShardParallel
 from alpa_py.methods import Zero2Parallel as Zero2Parallel
 from alpa_py.methods import Zero3Parallel as Zero3Parallel
+from alpa_py.pipeshard_plan import PipeshardPlan as PipeshardPlan
+from alpa_py.runtime.pipeshard import PipeshardExecutable as PipeshardExecutable
 from alpa_py.runtime.cluster import init as init
 from alpa_py.runtime.cluster import shutdown as shutdown
 

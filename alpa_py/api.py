@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from alpa_py.methods import ShardParallel
+from alpa_py.methods import PipeshardParallel, ShardParallel
 from alpa_py.runtime.cluster import current_cluster
 
 
@@ -52,9 +52,10 @@ class ParallelizedFunc:
                batch_argnums_given: bool):
     if not callable(fun):
       raise TypeError(f"parallelize expects a function, got {type(fun).__name__}")
-    if not isinstance(method, ShardParallel):
+    if not isinstance(method, (ShardParallel, PipeshardParallel)):
       raise TypeError("method must be ShardParallel, DataParallel, "
-                      f"Zero2Parallel or Zero3Parallel, got {method!r}")
+                      "Zero2Parallel, Zero3Parallel or PipeshardParallel, got "
+                      f"{method!r}")
     self.fun = fun
     self.method = method
     self.static_argnums = _normalize_argnums("static_argnums", static_argnums)
@@ -84,8 +85,12 @@ class ParallelizedFunc:
     sig = self._signature(args)
     ex = self._cache.get(sig.key)
     if ex is None:
-      from alpa_py.shard_parallel import compile_step
-      ex = compile_step(self.fun, args, sig, self.method)
+      if isinstance(self.method, PipeshardParallel):
+        from alpa_py.pipeshard_parallel import compile_pipeshard
+        ex = compile_pipeshard(self.fun, sig, self.method)
+      else:
+        from alpa_py.shard_parallel import compile_step
+        ex = compile_step(self.fun, args, sig, self.method)
       self._cache[sig.key] = ex
     return ex, sig.leaves
 

@@ -166,3 +166,60 @@ class Zero3Parallel(Zero2Parallel):
   """Data parallel with parameters and optimizer state sharded."""
 
   input_layout = InputLayout.ZERO3
+
+
+@dataclasses.dataclass(frozen=True)
+class PipeshardParallel:
+  """Inter-operator (pipeline) + intra-operator parallelism.
+
+  The step is cut into layers (``layer_option``), the layers into stages on
+  submeshes (``stage_option``), and micro-batches flow through the stages
+  with a GPipe or 1F1B schedule; inside each stage the intra-op ILP shards
+  the work over its submesh. The optimizer update runs once per step.
+
+  Attributes:
+    devices: devices to use (default: all).
+    num_micro_batches: micro-batches per step (must divide the batch).
+    layer_option: ``ManualLayerOption()`` (default) or ``AutoLayerOption``.
+    stage_option: ``UniformStageOption()`` (default), ``AutoStageOption`` or
+      ``ManualStageOption``.
+    pipeline_schedule: ``"1f1b"`` (default) or ``"gpipe"``.
+    default_auto_sharding_option: options of every stage's intra-op pass.
+  """
+
+  devices: Sequence[Any] | None = None
+  num_micro_batches: int = 1
+  layer_option: Any = None
+  stage_option: Any = None
+  pipeline_schedule: Any = "1f1b"
+  default_auto_sharding_option: AutoShardingOption | None = None
+
+  def __post_init__(self):
+    from alpa_py.compiler.layers import AutoLayerOption, ManualLayerOption
+    from alpa_py.compiler.schedules import Schedule
+    from alpa_py.compiler.stages import (AutoStageOption, ManualStageOption,
+                                         UniformStageOption)
+    object.__setattr__(self, "devices", _freeze_devices(self.devices))
+    n = self.num_micro_batches
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+      raise ValueError(f"num_micro_batches (={n!r}) must be a positive int")
+    if self.layer_option is None:
+      object.__setattr__(self, "layer_option", ManualLayerOption())
+    elif not isinstance(self.layer_option, (ManualLayerOption, AutoLayerOption)):
+      raise TypeError("layer_option must be ManualLayerOption or "
+                      f"AutoLayerOption, got {self.layer_option!r}")
+    if self.stage_option is None:
+      object.__setattr__(self, "stage_option", UniformStageOption())
+    elif not isinstance(self.stage_option, (UniformStageOption, AutoStageOption,
+                                            ManualStageOption)):
+      raise TypeError("stage_option must be UniformStageOption, "
+                      f"AutoStageOption or ManualStageOption, got "
+                      f"{self.stage_option!r}")
+    object.__setattr__(self, "pipeline_schedule",
+                       Schedule.parse(self.pipeline_schedule))
+    if self.default_auto_sharding_option is None:
+      object.__setattr__(self, "default_auto_sharding_option",
+                         AutoShardingOption())
+    elif not isinstance(self.default_auto_sharding_option, AutoShardingOption):
+      raise TypeError("default_auto_sharding_option must be an "
+                      "AutoShardingOption")

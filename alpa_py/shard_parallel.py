@@ -162,15 +162,15 @@ def _shapes_str(graph: OpGraph, op) -> str:
   return " x ".join(parts)
 
 
-def make_plan(graph: OpGraph, sol: ShardingSolution, sig, out_count, method,
-              mesh, num_micro_batches=1, out_names=None,
-              input_shapes=None) -> ShardingPlan:
+def make_plan(graph: OpGraph, sol: ShardingSolution, paths, out_count,
+              method_name: str, cost_profile: str, mesh, num_micro_batches=1,
+              out_names=None, input_shapes=None) -> ShardingPlan:
   names = mesh.axis_names
   input_shapes = input_shapes or [graph.tensor(t).shape for t in graph.invars]
   inputs = tuple(
       TensorPlan(path, shape, str(graph.tensor(t).dtype),
                  to_partition_spec(tensor_spec(graph, sol, t), names))
-      for path, t, shape in zip(sig.paths, graph.invars, input_shapes))
+      for path, t, shape in zip(paths, graph.invars, input_shapes))
   outputs = []
   for k, ref in enumerate(graph.outvars[:out_count]):
     spec = tensor_spec(graph, sol, ref)
@@ -189,10 +189,10 @@ def make_plan(graph: OpGraph, sol: ShardingSolution, sig, out_count, method,
                         sol.strategy_of.get(op.index, "follows operand"),
                         to_partition_spec(tensor_spec(graph, sol, out_t), names)))
   return ShardingPlan(
-      method=type(method).__name__, mesh_shape=sol.mesh_shape,
+      method=method_name, mesh_shape=sol.mesh_shape,
       axis_names=tuple(names), inputs=inputs, outputs=tuple(outputs),
       ops=tuple(ops), num_micro_batches=num_micro_batches,
-      cost_profile=method.auto_sharding_option.cost_profile,
+      cost_profile=cost_profile,
       predicted_step_seconds=sol.objective,
       estimated_peak_bytes=sol.estimated_peak_bytes)
 
@@ -266,7 +266,9 @@ def compile_step(fun, args, sig, method: ShardParallel) -> Executable:
     with _progress.step("XLA lowering + compile"):
       compiled = jax.jit(fn, in_shardings=tuple(ins), out_shardings=tuple(outs),
                          donate_argnums=donate).lower(*lowered_args).compile()
-    plan = make_plan(graph, best, sig, len(graph.outvars), method, mesh,
+    plan = make_plan(graph, best, sig.paths, len(graph.outvars),
+                     type(method).__name__,
+                     method.auto_sharding_option.cost_profile, mesh,
                      num_micro_batches=n, out_names=out_names_of(out_tree),
                      input_shapes=[tuple(x.shape) for x in sig.leaves])
     ex = Executable(compiled, plan, mesh,

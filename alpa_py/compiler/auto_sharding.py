@@ -263,11 +263,12 @@ def _build_edges(graph, nodes, node_of, rc, aliases, alias_penalty):
 
 def _memory_constraints(graph: OpGraph, nodes, node_of, mesh_shape):
   n_ops = len(graph.ops)
+  pos_of = {op.index: i for i, op in enumerate(graph.ops)}
   define = {t: -1 for t in graph.invars}
   define.update({t: -1 for t in graph.consts})
-  for op in graph.ops:
+  for i, op in enumerate(graph.ops):
     for t in op.outputs:
-      define[t] = op.index
+      define[t] = i
   last = {t: graph.last_use.get(t, define[t]) for t in define}
   for t in graph.invars:
     last[t] = n_ops  # arguments stay allocated for the whole step
@@ -285,7 +286,7 @@ def _memory_constraints(graph: OpGraph, nodes, node_of, mesh_shape):
   points = sorted(set(order[:_MEMORY_POINTS // 2]) |
                   set(range(0, len(live), max(1, len(live) //
                                               (_MEMORY_POINTS // 2)))))
-  roots = {node.root_op: n for n, node in enumerate(nodes)
+  roots = {pos_of[node.root_op]: n for n, node in enumerate(nodes)
            if node.root_op is not None and len(node.cost) > 1}
   constraints = []
   for p in points:
@@ -307,7 +308,7 @@ def _memory_constraints(graph: OpGraph, nodes, node_of, mesh_shape):
       # Counted for every strategy: conservative where no copy is made.
       n = roots[point]
       for t, op_idx, _, req, _ in nodes[n].reqs:
-        if op_idx != point or not graph.tensor(t).shape:
+        if pos_of[op_idx] != point or not graph.tensor(t).shape:
           continue
         nbytes = graph.tensor(t).nbytes
         row = per_node.setdefault(n, [0.0] * len(nodes[n].cost))

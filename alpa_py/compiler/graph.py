@@ -95,8 +95,10 @@ class OpGraph:
   consts: dict[int, Any]  # tensor id -> value
   producer: dict[int, int]  # tensor id -> op index (absent for inputs/consts)
   consumers: dict[int, list[int]]  # tensor id -> op indices
-  last_use: dict[int, int]  # tensor id -> last op index using it (len(ops) = output)
+  last_use: dict[int, int]  # tensor id -> last position using it (len(ops) = output)
   grad_marked: tuple = ()  # per alpa_py.grad marker, the refs it marks
+  # (position in ops, kind, refs) per pipeline marker, in program order
+  pipeline_marks: tuple = ()
 
   @functools.cached_property
   def outvar_set(self) -> frozenset:
@@ -119,6 +121,11 @@ class OpGraph:
 def _aval_info(aval) -> TensorInfo:
   shape = tuple(int(d) for d in getattr(aval, "shape", ()))
   return TensorInfo(shape, getattr(aval, "dtype", None))
+
+
+def _is_boundary(eqn) -> bool:
+  from alpa_py.compiler.markers import is_boundary_callback
+  return is_boundary_callback(eqn.params.get("callback"))
 
 
 def _sub_jaxpr(eqn) -> tuple[Any, Sequence[Any]] | None:
@@ -181,6 +188,7 @@ class _Builder:
     self.ops: list[Op] = []
     self.consts: dict[int, Any] = {}
     self.grad_marked: list[tuple] = []
+    self.pipeline_marks: list[tuple] = []
 
   def new_tensor(self, aval) -> int:
     self.tensors.append(_aval_info(aval))
@@ -207,6 +215,15 @@ class _Builder:
         for var, ref in zip(eqn.outvars, ins):
           env[var] = ref
         self.grad_marked.append(tuple(ins))
+        continue
+      if eqn.primitive.name == "alpa_pipeline_marker":
+        for var, ref in zip(eqn.outvars, ins):
+          env[var] = ref
+        self.pipeline_marks.append((len(self.ops), eqn.params["kind"],
+                                    tuple(ins)))
+        continue
+      if eqn.primitive.name == "debug_callback" and _is_boundary(eqn):
+        self.pipeline_marks.append((len(self.ops), "boundary", ()))
         continue
       if eqn.primitive.name == "optimization_barrier":
         # identity: a scheduling hint for XLA, no layout decision of its own
@@ -246,22 +263,51 @@ def build_graph(closed_jaxpr) -> OpGraph:
   b = _Builder()
   invars = tuple(b.new_tensor(v.aval) for v in closed_jaxpr.jaxpr.invars)
   outvars = tuple(b.add_jaxpr(closed_jaxpr.jaxpr, closed_jaxpr.consts, invars))
+  return _finish(b.tensors, b.ops, invars, outvars, b.consts,
+                 grad_marked=tuple(b.grad_marked),
+                 pipeline_marks=tuple(b.pipeline_marks))
+
+
+def _finish(tensors, ops, invars, outvars, consts, **extra) -> OpGraph:
   producer: dict[int, int] = {}
   consumers: dict[int, list[int]] = {}
   last_use: dict[int, int] = {}
-  for op in b.ops:
+  for pos, op in enumerate(ops):
     for t in op.outputs:
       producer[t] = op.index
     for t in op.inputs:
       if isinstance(t, int):
         consumers.setdefault(t, []).append(op.index)
-        last_use[t] = op.index
+        last_use[t] = pos
   for t in outvars:
     if isinstance(t, int):
-      last_use[t] = len(b.ops)
-  return OpGraph(tensors=b.tensors, ops=b.ops, invars=invars, outvars=outvars,
-                 consts=b.consts, producer=producer, consumers=consumers,
-                 last_use=last_use, grad_marked=tuple(b.grad_marked))
+      last_use[t] = len(ops)
+  return OpGraph(tensors=tensors, ops=list(ops), invars=tuple(invars),
+                 outvars=tuple(outvars), consts=consts, producer=producer,
+                 consumers=consumers, last_use=last_use, **extra)
+
+
+def subgraph(graph: OpGraph, ops: Sequence[Op], outputs: Sequence[int]) -> OpGraph:
+  """The graph of a subset of ops (original op indices kept).
+
+  Inputs are the tensors the ops read but do not produce (constants stay
+  constants); ``outputs`` are the tensors the subgraph must return.
+  """
+  produced = {t for op in ops for t in op.outputs}
+  invars: dict[int, None] = {}
+  consts = {}
+  for op in ops:
+    for t in op.inputs:
+      if isinstance(t, int) and t not in produced:
+        if t in graph.consts:
+          consts[t] = graph.consts[t]
+        else:
+          invars[t] = None
+  outvars = tuple(outputs)
+  for t in outvars:
+    if t not in produced and t not in graph.consts:
+      invars[t] = None  # passed straight through
+  return _finish(graph.tensors, ops, tuple(invars), outvars, consts)
 
 
 def evaluate(graph: OpGraph, args: Sequence[Any], *, on_output=None,

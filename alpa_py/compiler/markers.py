@@ -47,6 +47,101 @@ ad.primitive_transposes[grad_marker_p] = _transpose
 batching.primitive_batchers[grad_marker_p] = _batch
 
 
+# -- pipeline markers ---------------------------------------------------------
+#
+# ``alpa_pipeline_marker`` is an identity with a ``kind``. Its transpose swaps
+# the kind, so a marker in the forward pass leaves a mirrored one in the
+# backward pass:
+#   "boundary" -> "boundary_bwd"  (a layer boundary, data form)
+#   "loss"     -> "seed"          (the loss; its cotangent seeds the backward)
+PIPELINE_MARKER = "alpa_pipeline_marker"
+_TRANSPOSED_KIND = {"boundary": "boundary_bwd", "boundary_bwd": "boundary",
+                    "loss": "seed", "seed": "loss"}
+
+pipeline_marker_p = Primitive(PIPELINE_MARKER)
+pipeline_marker_p.multiple_results = True
+pipeline_marker_p.def_impl(lambda *xs, kind: list(xs))
+pipeline_marker_p.def_abstract_eval(lambda *avals, kind: list(avals))
+mlir.register_lowering(pipeline_marker_p, lambda ctx, *xs, kind: list(xs))
+
+
+def _pm_jvp(primals, tangents, *, kind):
+  tangents = [ad.instantiate_zeros(t) for t in tangents]
+  return (pipeline_marker_p.bind(*primals, kind=kind),
+          pipeline_marker_p.bind(*tangents, kind=kind))
+
+
+def _pm_transpose(cts, *args, kind):
+  cts = [ad.instantiate_zeros(c) if type(c) is ad.Zero else c for c in cts]
+  return pipeline_marker_p.bind(*cts, kind=_TRANSPOSED_KIND[kind])
+
+
+ad.primitive_jvps[pipeline_marker_p] = _pm_jvp
+ad.primitive_transposes[pipeline_marker_p] = _pm_transpose
+batching.primitive_batchers[pipeline_marker_p] = (
+    lambda args, dims, kind: (pipeline_marker_p.bind(*args, kind=kind), dims))
+
+
+def _boundary_sentinel():
+  """Called by the positional boundary marker (does nothing at run time)."""
+
+
+def is_boundary_callback(callback) -> bool:
+  """Whether a ``debug_callback`` eqn's callback is our boundary sentinel."""
+  seen, todo = set(), [callback]
+  while todo:
+    fn = todo.pop()
+    if fn is _boundary_sentinel:
+      return True
+    if id(fn) in seen or len(seen) > 64:
+      continue
+    seen.add(id(fn))
+    for cell in getattr(fn, "__closure__", None) or ():
+      try:
+        todo.append(cell.cell_contents)
+      except ValueError:
+        pass
+    wrapped = getattr(fn, "__wrapped__", None) or getattr(fn, "func", None)
+    if wrapped is not None:
+      todo.append(wrapped)
+  return False
+
+
+def mark_pipeline_boundary(*xs):
+  """Marks a layer boundary in the forward pass (for ``ManualLayerOption``).
+
+  Call it between two layers of the model. Without arguments it marks the
+  position in the traced program; with arrays it returns them unchanged,
+  marked (useful inside ``jax.checkpoint`` or code JAX may reorder).
+
+  Examples:
+    >>> x = block1(x)
+    >>> alpa_py.mark_pipeline_boundary()
+    >>> x = block2(x)
+  """
+  if not xs:
+    jax.debug.callback(_boundary_sentinel)
+    return None
+  out = pipeline_marker_p.bind(*xs, kind="boundary")
+  return out[0] if len(xs) == 1 else tuple(out)
+
+
+def _mark_loss(fun: Callable, has_aux: bool) -> Callable:
+  """Passes the loss through a "loss" marker, whose transpose seeds the
+  backward pass with a "seed" marker: the compiler tells forward from
+  backward ops by it."""
+
+  @functools.wraps(fun)
+  def wrapped(*args, **kw):
+    out = fun(*args, **kw)
+    if has_aux:
+      loss, aux = out
+      return pipeline_marker_p.bind(loss, kind="loss")[0], aux
+    return pipeline_marker_p.bind(out, kind="loss")[0]
+
+  return wrapped
+
+
 def mark_gradients(tree: Any) -> Any:
   """Passes a pytree of arrays through the gradient marker."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -62,7 +157,8 @@ def grad(fun: Callable, argnums=0, has_aux: bool = False, **kwargs) -> Callable:
   ``num_micro_batches``, the gradients (and ``aux``) are averaged over
   micro-batches before the code that uses them runs once.
   """
-  g = jax.grad(fun, argnums=argnums, has_aux=has_aux, **kwargs)
+  g = jax.grad(_mark_loss(fun, has_aux), argnums=argnums, has_aux=has_aux,
+               **kwargs)
 
   @functools.wraps(fun)
   def wrapped(*args, **kw):
@@ -74,7 +170,8 @@ def grad(fun: Callable, argnums=0, has_aux: bool = False, **kwargs) -> Callable:
 def value_and_grad(fun: Callable, argnums=0, has_aux: bool = False,
                    **kwargs) -> Callable:
   """``jax.value_and_grad`` with the value and gradients marked (see ``grad``)."""
-  g = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux, **kwargs)
+  g = jax.value_and_grad(_mark_loss(fun, has_aux), argnums=argnums,
+                         has_aux=has_aux, **kwargs)
 
   @functools.wraps(fun)
   def wrapped(*args, **kw):

@@ -19,6 +19,8 @@ class GPTConfig:
     num_layers: transformer blocks.
     mlp_ratio: MLP width / hidden.
     dtype: activation dtype.
+    pipeline_boundaries: call ``alpa_py.mark_pipeline_boundary()`` between
+      blocks (for ``ManualLayerOption``; no effect on the math).
   """
 
   vocab_size: int = 256
@@ -28,6 +30,7 @@ class GPTConfig:
   num_layers: int = 2
   mlp_ratio: int = 4
   dtype: jnp.dtype = jnp.float32
+  pipeline_boundaries: bool = False
 
   def __post_init__(self):
     if self.hidden % self.num_heads:
@@ -85,6 +88,9 @@ class GPT(nn.Module):
                      (cfg.seq_len, cfg.hidden))
     x = embed(tokens) + pos[None, :tokens.shape[1]].astype(cfg.dtype)
     for i in range(cfg.num_layers):
+      if cfg.pipeline_boundaries and i > 0:
+        from alpa_py.compiler.markers import mark_pipeline_boundary
+        mark_pipeline_boundary()
       x = Block(cfg, name=f"block_{i}")(x)
     x = nn.LayerNorm(dtype=cfg.dtype)(x)
     return embed.attend(x)
