@@ -153,39 +153,67 @@ def _manual_stages(option: ManualStageOption, num_layers, num_devices):
   return out
 
 
+def _distinct_logical_shapes(size: int) -> list[tuple[int, int]]:
+  """Logical meshes for a submesh of ``size`` devices, mirror images dropped
+  ((d, 1) is (1, d); (4, 2) prices like (2, 4) on one node's links)."""
+  return [(a, b) for a, b in logical_shapes((1, size)) if a <= b]
+
+
 def _auto_stages(option: AutoStageOption, pieces, num_devices, devices, cfg,
                  profile, n_micro, report):
+  """Stage DP with costs per layer, summed over a stage's layers.
+
+  ``model``: each layer's intra-op ILP objective on each logical mesh.
+  ``profile``: each layer compiled on a submesh and timed (forward +
+  backward, median of 3), on the logical mesh the model prefers for the
+  stage. Costing layers rather than every layer range keeps this to
+  L x (logical meshes) ILPs and at most as many compiles.
+  """
   L = pieces.layers.num_layers
   sizes = [math.prod(s) for s in submesh_choices(num_devices,
                                                  option.submesh_shape_space)]
-  best_logical = {}
-  model_calls = prof_calls = 0
+  model: dict = {}
+  measured: dict = {}
   t_model = t_prof = 0.0
 
-  def cost(i, j, size):
-    nonlocal model_calls, prof_calls, t_model, t_prof
-    best = (math.inf, None)
-    t0 = time.perf_counter()
-    for logical in logical_shapes((1, size)):
+  def layer_model(l, logical):
+    nonlocal t_model
+    if (l, logical) not in model:
+      t0 = time.perf_counter()
       try:
-        sol, _, _, _ = _solve_stage(pieces, i, j, logical, cfg, profile)
+        sol, _, _, _ = _solve_stage(pieces, l, l + 1, logical, cfg, profile)
+        model[(l, logical)] = (sol.objective, sol.estimated_peak_bytes)
       except InfeasiblePlanError:
+        model[(l, logical)] = (math.inf, math.inf)
+      t_model += time.perf_counter() - t0
+    return model[(l, logical)]
+
+  def layer_time(l, logical):
+    nonlocal t_prof
+    if (l, logical) not in measured:
+      t0 = time.perf_counter()
+      sol, _, gf, gb = _solve_stage(pieces, l, l + 1, logical, cfg, profile)
+      mesh = make_mesh(devices[:math.prod(logical)], logical)
+      f, b = _compile_task(gf, sol, mesh), _compile_task(gb, sol, mesh)
+      measured[(l, logical)] = _time_stage(f, gf, b, gb)
+      t_prof += time.perf_counter() - t0
+    return measured[(l, logical)]
+
+  best_logical = {}
+
+  def cost(i, j, size):
+    best = (math.inf, None)
+    for logical in _distinct_logical_shapes(size):
+      parts = [layer_model(l, logical) for l in range(i, j)]
+      total = sum(p[0] for p in parts)
+      if cfg.memory_budget is not None and sum(p[1] for p in parts) > cfg.memory_budget:
         continue
-      model_calls += 1
-      if sol.objective < best[0]:
-        best = (sol.objective, logical)
-    t_model += time.perf_counter() - t0
+      if total < best[0]:
+        best = (total, logical)
     best_logical[(i, j, size)] = best[1]
     if best[1] is None or option.cost_source == "model":
       return best[0]
-    t0 = time.perf_counter()
-    sol, _, gf, gb = _solve_stage(pieces, i, j, best[1], cfg, profile)
-    mesh = make_mesh(devices[:size], best[1])
-    f, b = _compile_task(gf, sol, mesh), _compile_task(gb, sol, mesh)
-    elapsed = _time_stage(f, gf, b, gb)
-    prof_calls += 1
-    t_prof += time.perf_counter() - t0
-    return elapsed
+    return sum(layer_time(l, best[1]) for l in range(i, j))
 
   t0 = time.perf_counter()
   total, plan = stage_dp(L, num_devices, sizes, cost, n_micro)
@@ -197,8 +225,8 @@ def _auto_stages(option: AutoStageOption, pieces, num_devices, devices, cfg,
         "use more devices")
   report.update(stage_model_seconds=t_model, stage_profile_seconds=t_prof,
                 stage_dp_seconds=t_all - t_model - t_prof,
-                stage_candidates_modelled=model_calls,
-                stage_candidates_profiled=prof_calls,
+                stage_candidates_modelled=len(model),
+                stage_candidates_profiled=len(measured),
                 predicted_latency=total)
   out, d = [], 0
   for i, j, size in plan:
