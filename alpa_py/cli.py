@@ -13,7 +13,7 @@ import sys
 import time
 
 MODELS = ("gpt", "mlp", "moe", "conv")
-METHODS = ("shard", "data", "zero2", "zero3")
+METHODS = ("shard", "data", "zero2", "zero3", "pipeshard")
 
 
 def _setup_devices(n: int) -> None:
@@ -49,7 +49,8 @@ def _build(args):
   if args.model == "gpt":
     cfg = models.GPTConfig(vocab_size=args.vocab, seq_len=args.seq,
                            hidden=args.hidden, num_heads=args.heads,
-                           num_layers=args.layers)
+                           num_layers=args.layers,
+                           pipeline_boundaries=args.method == "pipeshard")
     model = models.GPT(cfg)
     batch = {"x": jax.random.randint(key, (args.batch, args.seq), 0, args.vocab)}
     loss_fn = lambda logits, b: lm_loss(logits, b["x"])
@@ -84,6 +85,19 @@ def _build(args):
 
 def _method(args):
   import alpa_py
+  if args.method == "pipeshard":
+    opt = alpa_py.AutoShardingOption(cost_profile=args.profile,
+                                     memory_budget_per_device=args.memory_budget)
+    manual = args.model == "gpt"
+    return alpa_py.PipeshardParallel(
+        num_micro_batches=args.micro_batches or 1,
+        layer_option=(alpa_py.ManualLayerOption() if manual else
+                      alpa_py.AutoLayerOption(args.layers)),
+        stage_option=(alpa_py.UniformStageOption(num_stages=args.stages)
+                      if args.stages else
+                      alpa_py.AutoStageOption(cost_source="model")),
+        pipeline_schedule=args.schedule,
+        default_auto_sharding_option=opt)
   cls = {"shard": alpa_py.ShardParallel, "data": alpa_py.DataParallel,
          "zero2": alpa_py.Zero2Parallel, "zero3": alpa_py.Zero3Parallel}[args.method]
   opt = alpa_py.AutoShardingOption(
@@ -106,11 +120,15 @@ def cmd_demo(args) -> int:
   par = alpa_py.parallelize(step, method=_method(args))
   t0 = time.perf_counter()
   ex = par.get_executable(state, batch)
-  print(f"compiled in {time.perf_counter() - t0:.1f} s "
-        f"(ILP {ex.solve_stats.status}, {ex.solve_stats.num_variables} "
-        f"variables, solved in {ex.solve_stats.solve_seconds:.2f} s)")
+  print(f"compiled in {time.perf_counter() - t0:.1f} s")
+  if hasattr(ex, "solve_stats"):
+    print(f"ILP {ex.solve_stats.status}, {ex.solve_stats.num_variables} "
+          f"variables, solved in {ex.solve_stats.solve_seconds:.2f} s")
   print(ex.plan)
-  print(f"memory per device (XLA): {ex.memory_per_device() / 2**20:.2f} MiB")
+  mem = ex.memory_per_device()
+  mem = mem if isinstance(mem, tuple) else (mem,)
+  print("memory per device (XLA): " + ", ".join(
+      f"{m / 2**20:.2f} MiB" for m in mem) + (" (per stage)" if len(mem) > 1 else ""))
   ref_step = jax.jit(step)
   ref, par_state = state, state
   worst = 0.0
@@ -145,6 +163,10 @@ def cmd_plan(args) -> int:
   ex = par.get_executable(state, batch)
   total = time.perf_counter() - t0
   print(ex.plan)
+  if not hasattr(ex, "solve_stats"):
+    print(f"compile: {total:.1f} s; memory per device per stage: "
+          f"{[round(m / 2**20, 2) for m in ex.memory_per_device()]} MiB")
+    return 0
   s = ex.solve_stats
   print(f"\nILP: {s.status}, {s.num_nodes} nodes, {s.num_edges} edges, "
         f"{s.num_variables} variables, {s.num_constraints} constraints, "
@@ -174,6 +196,9 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--micro-batches", type=int, default=None)
+    p.add_argument("--stages", type=int, default=None,
+                   help="pipeshard: uniform stages (default: stage DP)")
+    p.add_argument("--schedule", default="1f1b", choices=("1f1b", "gpipe"))
     p.add_argument("--memory-budget", type=float, default=None,
                    help="bytes per device")
     p.add_argument("--profile", default="cpu",

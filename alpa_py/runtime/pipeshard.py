@@ -144,10 +144,10 @@ class PipeshardExecutable:
       peak = max(peak, live)
       for t in self._frees.get(k, ()):
         store.pop((t, m), None)
-        for key in [key for key in moved if key[0] == t and key[1] == m]:
-          del moved[key]
-        for key in [key for key in micro if key == (t, m)]:
-          del micro[key]
+        micro.pop((t, m), None)
+        for k2 in ("F", "B"):
+          for s2 in range(len(self._stages)):
+            moved.pop((t, m, s2, k2), None)
     stats.peak_activation_bytes = peak
     # the update, once
     args = []

@@ -1,9 +1,10 @@
 """Moving arrays between meshes on the local backend.
 
 ``reshard(x, sharding)`` follows the tile-overlap plan of
-``compiler/resharding.py``: each destination shard is either one source tile
-slice moved with ``jax.device_put``, or assembled from several. Arrays that
-already have the target sharding are returned as they are.
+``compiler/resharding.py``: where each destination shard is one slice of one
+source tile, that slice is moved with ``jax.device_put`` to its device; where
+a shard gathers several tiles, ``jax.device_put`` of the whole array does the
+gather. Arrays that already have the target sharding are returned as they are.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
-from alpa_py.compiler.resharding import (covers, local_slices, plan_resharding,
-                                         shard_shape)
+from alpa_py.compiler.resharding import covers, local_slices, plan_resharding
 
 
 @functools.lru_cache(maxsize=4096)
@@ -31,21 +30,20 @@ def reshard(x: jax.Array, sharding) -> jax.Array:
   if not x.shape:
     return jax.device_put(x, sharding)
   plan = _cached_plan(tuple(x.shape), x.sharding, sharding, x.dtype.itemsize)
-  src_data = {s.device.id: s.data for s in x.addressable_shards}
   devices = {d.id: d for d in sharding.device_set}
+  parts = {dev_id: plan.transfers_to(dev_id) for dev_id in devices}
+  if any(len(p) != 1 or not covers(p[0].region, p[0].dst_tile)
+         for p in parts.values()):
+    # A destination shard assembled from several source tiles: JAX's own
+    # cross-device copy does the gather in one call, far faster than
+    # stitching tiles with scatter ops here.
+    return jax.device_put(x, sharding)
+  src_data = {s.device.id: s.data for s in x.addressable_shards}
   blocks = []
   for dev_id, dev in sorted(devices.items()):
-    parts = plan.transfers_to(dev_id)
-    if len(parts) == 1 and covers(parts[0].region, parts[0].dst_tile):
-      t = parts[0]
-      piece = src_data[t.src][local_slices(t.region, t.src_tile)]
-      blocks.append(jax.device_put(piece, dev))
-      continue
-    tile = parts[0].dst_tile
-    block = jax.device_put(jnp.zeros(shard_shape(tile), x.dtype), dev)
-    for t in parts:
-      piece = jax.device_put(src_data[t.src][local_slices(t.region, t.src_tile)],
-                             dev)
-      block = block.at[local_slices(t.region, tile)].set(piece)
-    blocks.append(block)
+    t = parts[dev_id][0]
+    piece = src_data[t.src]
+    if t.region != t.src_tile:
+      piece = piece[local_slices(t.region, t.src_tile)]
+    blocks.append(jax.device_put(piece, dev))
   return jax.make_array_from_single_device_arrays(x.shape, sharding, blocks)
