@@ -32,7 +32,8 @@ from alpa_py.compiler.stages import (AutoStageOption, ManualStageOption,
 from alpa_py.executable import TensorPlan
 from alpa_py.methods import PipeshardParallel
 from alpa_py.pipeshard_plan import PipeshardPlan, StagePlan
-from alpa_py.runtime.pipeshard import PipeshardExecutable, TaskExec
+from alpa_py.runtime.pipeshard import (PipeshardExecutable, TaskExec,
+                                      build_instructions)
 from alpa_py.shard_parallel import (make_plan, out_names_of, pass_config,
                                     solve_meshes, trace)
 
@@ -153,6 +154,18 @@ def _manual_stages(option: ManualStageOption, num_layers, num_devices):
   return out
 
 
+# Profiled stage times, kept for the session: a layer that looks the same
+# (same ops and shapes) on the same devices is not compiled and timed twice.
+_PROFILE_CACHE: dict = {}
+
+
+def _signature(graph: OpGraph) -> tuple:
+  return tuple((op.name, tuple(graph.tensor(t).shape for t in op.inputs
+                               if isinstance(t, int)),
+                tuple(graph.tensor(t).shape for t in op.outputs))
+               for op in graph.ops)
+
+
 def _distinct_logical_shapes(size: int) -> list[tuple[int, int]]:
   """Logical meshes for a submesh of ``size`` devices, mirror images dropped
   ((d, 1) is (1, d); (4, 2) prices like (2, 4) on one node's links)."""
@@ -192,10 +205,14 @@ def _auto_stages(option: AutoStageOption, pieces, num_devices, devices, cfg,
     nonlocal t_prof
     if (l, logical) not in measured:
       t0 = time.perf_counter()
-      sol, _, gf, gb = _solve_stage(pieces, l, l + 1, logical, cfg, profile)
-      mesh = make_mesh(devices[:math.prod(logical)], logical)
-      f, b = _compile_task(gf, sol, mesh), _compile_task(gb, sol, mesh)
-      measured[(l, logical)] = _time_stage(f, gf, b, gb)
+      sol, joint, gf, gb = _solve_stage(pieces, l, l + 1, logical, cfg, profile)
+      sub = devices[:math.prod(logical)]
+      key = (_signature(joint), logical, tuple(d.id for d in sub), cfg)
+      if key not in _PROFILE_CACHE:
+        mesh = make_mesh(sub, logical)
+        f, b = _compile_task(gf, sol, mesh), _compile_task(gb, sol, mesh)
+        _PROFILE_CACHE[key] = _time_stage(f, gf, b, gb)
+      measured[(l, logical)] = _PROFILE_CACHE[key]
       t_prof += time.perf_counter() - t0
     return measured[(l, logical)]
 
@@ -375,18 +392,25 @@ def compile_pipeshard(fun, sig, method: PipeshardParallel) -> PipeshardExecutabl
       for t in st[kind].in_ids:
         readers.setdefault(t, set()).add((kind, k))
   clocks = clock_table(method.pipeline_schedule, K, n)
-  instructions = [task for clock in clocks for task in clock]
-  index_of = {task: i for i, task in enumerate(instructions)}
-  frees: dict = {}
-  consumed = {}
+  tasks = [task for clock in clocks for task in clock]
+  index_of = {task: i for i, task in enumerate(tasks)}
   batch_ids = [graph.invars[i] for i in sorted(batch_inputs)]
+  per_step = set(graph.invars) - set(batch_ids)
+  frees: dict = {}
   for t, rs in readers.items():
-    consumed[t] = t in producer_task
+    if t in per_step:
+      continue  # parameters stay for the whole step
     for m in range(n):
       last = max(index_of[(kind, k, m)] for kind, k in rs)
-      if t in producer_task or t in batch_ids:
-        frees.setdefault(last, []).append(t)
-  # tensors only the update reads stay until it runs
+      frees.setdefault(last, []).append(t)
+  for k, st in enumerate(stages):  # outputs nobody reads in the pipeline
+    for kind in ("F", "B"):
+      for t in st[kind].out_ids:
+        if t not in readers:
+          for m in range(n):
+            frees.setdefault(index_of[(kind, k, m)], []).append(t)
+  instructions = build_instructions(tasks, stages, per_step, averaged,
+                                    set(producer_task), frees)
   plan = PipeshardPlan(
       stages=tuple(stage_plans),
       schedule=tuple(" ".join(f"{kind}{s}.{m}" for kind, s, m in clock)
@@ -402,8 +426,7 @@ def compile_pipeshard(fun, sig, method: PipeshardParallel) -> PipeshardExecutabl
       compile_report=tuple(sorted(report.items())))
   ex = PipeshardExecutable(
       plan=plan, stages=stages, apply=apply, instructions=instructions,
-      frees=frees, consumed=consumed, invar_ids=tuple(graph.invars),
-      batch_ids=batch_ids, marked=averaged, num_micro_batches=n,
+      invar_ids=tuple(graph.invars), batch_ids=batch_ids, num_micro_batches=n,
       out_tree=out_tree, compile_seconds=time.perf_counter() - t_start,
       devices=devices)
   _progress.log(f"pipeline compiled in {ex.compile_seconds:.1f} s")

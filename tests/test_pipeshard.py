@@ -102,3 +102,25 @@ def test_schedule_is_exposed():
   assert sorted(tasks) == sorted(f"{k}{s}.{m}" for k in "FB" for s in range(2)
                                  for m in range(4))
   assert ex.plan.schedule_name == "1f1b"
+
+
+def test_instruction_list_is_explicit():
+  from alpa_py.runtime.pipeshard import Instr
+  state, batch, step = mlp_pipeline()
+  par = alpa_py.parallelize(step, method=alpa_py.PipeshardParallel(
+      num_micro_batches=4, stage_option=U(num_stages=2)))
+  ex = par.get_executable(state, batch)
+  kinds = [i.kind for i in ex.instructions]
+  assert kinds.count(Instr.RUN) == 2 * 2 * 4
+  assert Instr.ACC in kinds and Instr.FREE in kinds and Instr.RECV in kinds
+  # parameters move to a stage once per step, activations per micro-batch
+  recv_params = [i for i in ex.instructions
+                 if i.kind is Instr.RECV and i.micro_batch is None]
+  assert recv_params and len({(i.tensor, i.stage, i.task)
+                              for i in recv_params}) == len(recv_params)
+  # every micro-batch tensor a task produces is freed by the end
+  produced = {(i.tensor, i.micro_batch) for i in ex.instructions
+              if i.kind is Instr.FREE}
+  assert len(produced) > 0
+  par(state, batch)
+  assert ex.last_run_stats.tasks == 16
