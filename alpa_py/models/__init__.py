@@ -3,6 +3,7 @@
 from alpa_py.models.conv import ConvNet as ConvNet
 from alpa_py.models.gpt import GPT as GPT
 from alpa_py.models.gpt import GPTConfig as GPTConfig
+from alpa_py.models.lora import LoRADense as LoRADense
 from alpa_py.models.mlp import MLP as MLP
 from alpa_py.models.moe import MoELayer as MoELayer
 from alpa_py.models.moe import MoEModel as MoEModel

@@ -21,6 +21,9 @@ class GPTConfig:
     dtype: activation dtype.
     pipeline_boundaries: call ``alpa_py.mark_pipeline_boundary()`` between
       blocks (for ``ManualLayerOption``; no effect on the math).
+    lora_adapters: if > 0, the qkv, proj, fc1 and fc2 layers carry that many
+      LoRA adapters, and the model takes per-sequence adapter ids.
+    lora_rank: rank of each adapter.
   """
 
   vocab_size: int = 256
@@ -31,6 +34,8 @@ class GPTConfig:
   mlp_ratio: int = 4
   dtype: jnp.dtype = jnp.float32
   pipeline_boundaries: bool = False
+  lora_adapters: int = 0
+  lora_rank: int = 8
 
   def __post_init__(self):
     if self.hidden % self.num_heads:
@@ -51,16 +56,25 @@ class GPTConfig:
     return 3.0 * fwd
 
 
+def _dense(cfg: GPTConfig, features: int, name: str, ids):
+  if cfg.lora_adapters:
+    from alpa_py.models.lora import LoRADense
+    layer = LoRADense(features, cfg.lora_adapters, cfg.lora_rank,
+                      dtype=cfg.dtype, name=name)
+    return lambda x: layer(x, ids)
+  return nn.Dense(features, dtype=cfg.dtype, name=name)
+
+
 class Block(nn.Module):
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, ids=None):
     cfg = self.cfg
     b, s, h = x.shape
     nh = cfg.num_heads
     y = nn.LayerNorm(dtype=cfg.dtype)(x)
-    qkv = nn.Dense(3 * h, dtype=cfg.dtype, name="qkv")(y)
+    qkv = _dense(cfg, 3 * h, "qkv", ids)(y)
     q, k, v = jnp.split(qkv.reshape(b, s, 3, nh, h // nh), 3, axis=2)
     q, k, v = (t.squeeze(2) for t in (q, k, v))  # [b, s, nh, hd]
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(h // nh).astype(cfg.dtype)
@@ -68,11 +82,11 @@ class Block(nn.Module):
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     attn = jax.nn.softmax(scores, axis=-1)
     ctx = jnp.einsum("bnqk,bknd->bqnd", attn, v).reshape(b, s, h)
-    x = x + nn.Dense(h, dtype=cfg.dtype, name="proj")(ctx)
+    x = x + _dense(cfg, h, "proj", ids)(ctx)
     y = nn.LayerNorm(dtype=cfg.dtype)(x)
-    y = nn.Dense(cfg.mlp_ratio * h, dtype=cfg.dtype, name="fc1")(y)
+    y = _dense(cfg, cfg.mlp_ratio * h, "fc1", ids)(y)
     y = nn.gelu(y)
-    return x + nn.Dense(h, dtype=cfg.dtype, name="fc2")(y)
+    return x + _dense(cfg, h, "fc2", ids)(y)
 
 
 class GPT(nn.Module):
@@ -81,8 +95,16 @@ class GPT(nn.Module):
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array, adapter_ids: jax.Array | None = None
+               ) -> jax.Array:
+    """Logits; ``adapter_ids[batch]`` (or per token) picks LoRA adapters."""
     cfg = self.cfg
+    ids = None
+    if cfg.lora_adapters:
+      if adapter_ids is None:
+        raise ValueError("a GPT with lora_adapters needs adapter_ids")
+      ids = jnp.broadcast_to(jnp.asarray(adapter_ids).reshape(
+          tokens.shape[0], -1), tokens.shape)
     embed = nn.Embed(cfg.vocab_size, cfg.hidden, dtype=cfg.dtype, name="wte")
     pos = self.param("wpe", nn.initializers.normal(0.02),
                      (cfg.seq_len, cfg.hidden))
@@ -91,7 +113,7 @@ class GPT(nn.Module):
       if cfg.pipeline_boundaries and i > 0:
         from alpa_py.compiler.markers import mark_pipeline_boundary
         mark_pipeline_boundary()
-      x = Block(cfg, name=f"block_{i}")(x)
+      x = Block(cfg, name=f"block_{i}")(x, ids)
     x = nn.LayerNorm(dtype=cfg.dtype)(x)
     return embed.attend(x)
 

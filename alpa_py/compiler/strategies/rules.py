@@ -28,8 +28,9 @@ ELEMENTWISE = (
     "stop_gradient sub tan tanh xor threefry2x32 zeta").split()
 
 # Deliberately kept whole: control flow (the body runs with one layout on
-# every iteration, and we do not look inside) and PRNG key plumbing (tiny).
-REPLICATED = ("scan while cond random_bits random_seed random_wrap "
+# every iteration, and we do not look inside), PRNG key plumbing (tiny), and
+# grouped matmuls / custom kernels whose row groups a split would cut.
+REPLICATED = ("scan while cond ragged_dot_general pallas_call random_bits random_seed random_wrap "
               "random_unwrap random_fold_in random_split rng_bit_generator "
               "rng_uniform custom_lin pure_callback io_callback debug_callback "
               "linear_solve custom_linear_solve").split()

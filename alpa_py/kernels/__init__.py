@@ -1,0 +1,1 @@
+"""Pallas kernels with pure-jnp references (imports nothing from compiler/runtime)."""
