@@ -16,14 +16,16 @@ accumulated and kept in float32; the result has ``x``'s dtype.
 
 Backends (``backend=``):
 
-* ``pallas``: the kernel below. Tokens are grouped by adapter (or segment)
-  into tiles of ``block_t`` tokens, each tile belonging to one adapter; one
-  program per tile loads its adapter's ``A`` and ``B`` once and does the
-  shrink (looping over ``H_in`` in ``block_k`` chunks) and the expand (over
-  ``H_out`` in ``block_o`` chunks). Tiles of no adapter are skipped. The
-  traffic is ~ one read of ``x``, one write of ``y`` and one read of each
-  distinct adapter per tile: the bound of the grouped operator. On CPU it
-  runs with ``interpret=True``.
+* ``pallas``: for ``sgmv``, tokens are grouped by segment into tiles of
+  ``block_t`` tokens, each tile belonging to one adapter; one program per
+  tile loads its adapter's ``A`` and ``B`` once and does the shrink (looping
+  over ``H_in`` in ``block_k`` chunks) and the expand (over ``H_out`` in
+  ``block_o`` chunks) on the matrix units. Tiles of no adapter are skipped.
+  For ``bgmv`` (decode: few tokens, any adapters) a per-token kernel: one
+  program per token for the shrink and one per (token, output chunk) for
+  the expand, with no sorting of tokens. Both read each adapter they use
+  about once per tile/token, the operator's memory bound. On CPU they run
+  with ``interpret=True``.
 * ``ragged_dot``: tokens sorted by adapter, then two ``jax.lax.ragged_dot``.
 * ``reference``: per-token gather of the adapter weights, in plain jnp.
 * ``auto``: ``pallas`` on GPU, ``ragged_dot`` elsewhere.
@@ -140,7 +142,8 @@ def _kernel(tile_adapter_ref, x_ref, a_ref, b_ref, scale_ref, rank_ref, y_ref,
     def shrink_step(k, acc):
       xk = x_ref[:, pl.ds(k * block_k, block_k)]
       ak = a_ref[a, pl.ds(k * block_k, block_k), :]
-      return acc + jnp.dot(xk, ak, preferred_element_type=jnp.float32)
+      return acc + jnp.dot(xk, ak, preferred_element_type=jnp.float32,
+                           precision=_precision(xk.dtype))
 
     acc = jax.lax.fori_loop(0, num_k, shrink_step,
                             jnp.zeros((bt, r), jnp.float32))
@@ -150,11 +153,98 @@ def _kernel(tile_adapter_ref, x_ref, a_ref, b_ref, scale_ref, rank_ref, y_ref,
 
     def expand_step(o, carry):
       bo = b_ref[a, :, pl.ds(o * block_o, block_o)]
-      yo = jnp.dot(shrink, bo, preferred_element_type=jnp.float32)
+      yo = jnp.dot(shrink, bo, preferred_element_type=jnp.float32,
+                   precision=_precision(bo.dtype))
       y_ref[:, pl.ds(o * block_o, block_o)] = yo.astype(y_ref.dtype)
       return carry
 
     jax.lax.fori_loop(0, num_o, expand_step, 0)
+
+
+def _precision(dtype):
+  # f32 inputs: full precision (GPUs would otherwise round through TF32)
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _bgmv_shrink_kernel(ids_ref, x_ref, a_ref, scale_ref, rank_ref, v_ref, *,
+                        block_k, num_k):
+  t = pl.program_id(0)
+  a = ids_ref[t]
+  r = a_ref.shape[-1]
+
+  @pl.when(a < 0)
+  def _skip():
+    v_ref[t, :] = jnp.zeros((r,), v_ref.dtype)
+
+  @pl.when(a >= 0)
+  def _run():
+    def step(k, acc):
+      xk = x_ref[t, pl.ds(k * block_k, block_k)].astype(jnp.float32)
+      ak = a_ref[a, pl.ds(k * block_k, block_k), :].astype(jnp.float32)
+      return acc + jnp.sum(xk[:, None] * ak, axis=0)
+
+    acc = jax.lax.fori_loop(0, num_k, step, jnp.zeros((r,), jnp.float32))
+    cols = jax.lax.broadcasted_iota(jnp.int32, (r,), 0)
+    v_ref[t, :] = jnp.where(cols < rank_ref[a], acc, 0.0) * scale_ref[a]
+
+
+def _bgmv_expand_kernel(ids_ref, v_ref, b_ref, y_ref, *, block_o):
+  t, o = pl.program_id(0), pl.program_id(1)
+  a = ids_ref[t]
+
+  @pl.when(a < 0)
+  def _skip():
+    y_ref[t, pl.ds(o * block_o, block_o)] = jnp.zeros((block_o,), y_ref.dtype)
+
+  @pl.when(a >= 0)
+  def _run():
+    v = v_ref[t, :]
+    bo = b_ref[a, :, pl.ds(o * block_o, block_o)].astype(jnp.float32)
+    y_ref[t, pl.ds(o * block_o, block_o)] = jnp.sum(
+        v[:, None] * bo, axis=0).astype(y_ref.dtype)
+
+
+def _pallas_bgmv(x, A, B, scale, ranks, ids, blocks: LoRABlockSizes,
+                 interpret: bool):
+  """Per-token kernel (decode): shrink with one program per token, expand
+  with one per (token, output chunk); no sorting or tiling of tokens.
+
+  Each token reads its adapter's A and B once: memory-bound, as the
+  operator is at decode batch sizes."""
+  t, h_in = x.shape
+  n, _, r = A.shape
+  h_out = B.shape[-1]
+  if ranks is None:
+    ranks = jnp.full((n,), r, jnp.int32)
+  r_pad = 1 << max(r - 1, 1).bit_length()
+  bk = min(blocks.block_k * 4, 1 << (h_in - 1).bit_length())
+  bo = min(blocks.block_o * 4, 1 << (h_out - 1).bit_length())
+  A = _pad_to(_pad_to(A, 2, r_pad), 1, bk)
+  B = _pad_to(_pad_to(B, 1, r_pad), 2, bo)
+  xp = _pad_to(x, 1, bk)
+  hi, ho = A.shape[1], B.shape[2]
+  full = lambda shape, nd: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+  ids = ids.astype(jnp.int32)
+  scale = scale.astype(jnp.float32)
+  ranks = jnp.asarray(ranks, jnp.int32)
+  v = pl.pallas_call(
+      functools.partial(_bgmv_shrink_kernel, block_k=bk, num_k=hi // bk),
+      out_shape=jax.ShapeDtypeStruct((t, r_pad), jnp.float32),
+      grid=(t,),
+      in_specs=[full(ids.shape, 1), full(xp.shape, 1), full(A.shape, 1),
+                full(scale.shape, 1), full(ranks.shape, 1)],
+      out_specs=full((t, r_pad), 1),
+      interpret=interpret,
+  )(ids, xp, A, scale, ranks)
+  y = pl.pallas_call(
+      functools.partial(_bgmv_expand_kernel, block_o=bo),
+      out_shape=jax.ShapeDtypeStruct((t, ho), x.dtype),
+      grid=(t, ho // bo),
+      in_specs=[full(ids.shape, 2), full(v.shape, 2), full(B.shape, 2)],
+      out_specs=full((t, ho), 2),
+      interpret=interpret,
+  )(ids, v, B)
+  return y[:, :h_out]
 
 
 def _tiles(group_sizes, group_adapter, num_tokens, block_t):
@@ -166,7 +256,7 @@ def _tiles(group_sizes, group_adapter, num_tokens, block_t):
   tile_start = tile_end - per_group
   tok_start = jnp.cumsum(group_sizes) - group_sizes
   tile = jnp.arange(max_tiles)
-  grp = jnp.searchsorted(tile_end, tile, side="right")
+  grp = jnp.searchsorted(tile_end, tile, side="right", method="compare_all")
   used = grp < g
   grp = jnp.minimum(grp, g - 1)
   row0 = tok_start[grp] + (tile - tile_start[grp]) * block_t
@@ -252,7 +342,7 @@ def _lora_pallas(x, A, B, scale, ranks_f, ids, seg_starts, seg_ids, layout,
                  blocks, interpret):
   ranks = None if ranks_f is None else ranks_f.astype(jnp.int32)
   if layout == "bgmv":
-    sizes, adapters, order = _bgmv_groups(ids, A.shape[0])
+    return _pallas_bgmv(x, A, B, scale, ranks, ids, blocks, interpret)
   else:
     sizes = jnp.diff(seg_starts)
     adapters, order = seg_ids, None
