@@ -72,9 +72,10 @@ def bgmv_reference(x, A, B, adapter_ids, scale, *, ranks=None):
   safe = jnp.maximum(ids, 0)
   a = A[safe].astype(jnp.float32)  # [T, H_in, r]
   b = B[safe].astype(jnp.float32)  # [T, r, H_out]
-  shrink = jnp.einsum("th,thr->tr", x.astype(jnp.float32), a)
+  hi = jax.lax.Precision.HIGHEST
+  shrink = jnp.einsum("th,thr->tr", x.astype(jnp.float32), a, precision=hi)
   shrink = shrink * _rank_mask(ranks, safe, A.shape[-1])
-  y = jnp.einsum("tr,tro->to", shrink, b)
+  y = jnp.einsum("tr,tro->to", shrink, b, precision=hi)
   s = jnp.where(ids >= 0, scale[safe].astype(jnp.float32), 0.0)
   return (y * s[:, None]).astype(x.dtype)
 
@@ -109,12 +110,14 @@ def _ragged(x, A, B, ids, scale, ranks):
   xs = x[order]
   sizes = jnp.bincount(jnp.where(valid, ids, 0), weights=valid.astype(jnp.int32),
                        length=n).astype(jnp.int32)
-  shrink = jax.lax.ragged_dot(xs, A, sizes, preferred_element_type=jnp.float32)
+  shrink = jax.lax.ragged_dot(xs, A, sizes, preferred_element_type=jnp.float32,
+                              precision=_precision(x.dtype))
   sid = jnp.maximum(key[order], 0)
   sid = jnp.minimum(sid, n - 1)
   shrink = shrink * _rank_mask(ranks, sid, A.shape[-1])
   y = jax.lax.ragged_dot(shrink, B.astype(jnp.float32), sizes,
-                         preferred_element_type=jnp.float32)
+                         preferred_element_type=jnp.float32,
+                         precision=jax.lax.Precision.HIGHEST)
   s = jnp.where(key[order] < n, scale[sid].astype(jnp.float32), 0.0)
   y = y * s[:, None]
   out = jnp.zeros_like(y).at[order].set(y)
