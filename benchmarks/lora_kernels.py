@@ -4,7 +4,8 @@ vs gather + batched matmul, over batch size x adapter popularity x rank.
 On a GPU the kernel is the Pallas one and GB/s is reported against the
 bytes-moved bound 2*(T*(H_in+H_out) + n_distinct*r*(H_in+H_out)) (fp16); on
 CPU the grouped kernel is the ragged_dot backend (Pallas would run in
-interpret mode, which is a correctness tool, not a timing one).
+interpret mode, which is a correctness tool, not a timing one), and the
+"gather" column is the reference backend that ``auto`` picks there.
 
   python benchmarks/lora_kernels.py [--hidden 4096] [--quick] [--json out.json]
 """
