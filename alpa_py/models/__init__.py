@@ -7,3 +7,4 @@ from alpa_py.models.lora import LoRADense as LoRADense
 from alpa_py.models.mlp import MLP as MLP
 from alpa_py.models.moe import MoELayer as MoELayer
 from alpa_py.models.moe import MoEModel as MoEModel
+from alpa_py.models.wide_resnet import WideResNet as WideResNet

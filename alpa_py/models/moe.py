@@ -55,21 +55,51 @@ class MoELayer(nn.Module):
 
 
 class MoEModel(nn.Module):
-  """Embedding -> (attention-free) blocks of [dense MLP, MoE] -> logits."""
+  """A GShard-style MoE transformer: embedding -> blocks of [causal
+  self-attention, MoE feed-forward] (every ``moe_every``-th block's
+  feed-forward is MoE, the others dense) -> tied logits.
+
+  With ``num_heads=0`` the blocks have no attention (the small test model).
+  """
 
   vocab_size: int = 128
   hidden: int = 64
   num_experts: int = 8
   num_layers: int = 2
+  num_heads: int = 0
+  moe_every: int = 1
+  seq_len: int = 1024
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     embed = nn.Embed(self.vocab_size, self.hidden, name="wte")
     x = embed(tokens)
+    b, s, h = x.shape
+    if self.num_heads:
+      pos = self.param("wpe", nn.initializers.normal(0.02), (self.seq_len, h))
+      x = x + pos[None, :s]
     for i in range(self.num_layers):
+      if self.num_heads:
+        x = x + _attention(nn.LayerNorm()(x), self.num_heads, f"attn_{i}")
       y = nn.LayerNorm()(x)
-      x = x + nn.Dense(self.hidden, name=f"dense_{i}")(nn.gelu(y))
-      y = nn.LayerNorm()(x)
-      x = x + MoELayer(self.num_experts, self.hidden, 2 * self.hidden,
-                       name=f"moe_{i}")(y)
+      if (i + 1) % self.moe_every == 0:
+        x = x + MoELayer(self.num_experts, self.hidden, 4 * self.hidden,
+                         name=f"moe_{i}")(y)
+      elif self.num_heads:
+        y = nn.Dense(4 * h, name=f"fc1_{i}")(y)
+        x = x + nn.Dense(h, name=f"fc2_{i}")(nn.gelu(y))
+      else:
+        x = x + nn.Dense(self.hidden, name=f"dense_{i}")(nn.gelu(y))
     return embed.attend(nn.LayerNorm()(x))
+
+
+def _attention(x, num_heads, name):
+  b, s, h = x.shape
+  qkv = nn.Dense(3 * h, name=f"{name}_qkv")(x)
+  q, k, v = jnp.split(qkv.reshape(b, s, 3, num_heads, h // num_heads), 3, axis=2)
+  q, k, v = (t.squeeze(2) for t in (q, k, v))
+  scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(h // num_heads)
+  scores = jnp.where(jnp.tril(jnp.ones((s, s), bool)), scores,
+                     jnp.finfo(scores.dtype).min)
+  ctx = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(scores, -1), v)
+  return nn.Dense(h, name=f"{name}_proj")(ctx.reshape(b, s, h))

@@ -1,0 +1,1 @@
+"""The benchmark harness behind ``alpa-py bench`` and ``benchmarks/``."""

@@ -1,0 +1,143 @@
+"""Named model configs mirroring Alpa's suite, plus small CPU configs.
+
+Each config builds a plain training step ``step(state, batch)`` (AdamW) over
+real arrays, or over ``jax.ShapeDtypeStruct``s only (``abstract=True``: no
+parameter is allocated, for simulating large models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from alpa_py.models import GPT, GPTConfig, MoEModel, WideResNet
+from alpa_py.models.gpt import lm_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  """One benchmark model at one batch size."""
+
+  suite: str
+  name: str
+  model: dict
+  batch: int
+  seq: int = 0  # tokens per sequence (gpt, moe)
+  image: int = 0  # image side (wresnet)
+
+
+def _gpt(name, h, layers, heads, batch=1024, seq=1024, vocab=51200):
+  return BenchConfig("gpt", name, dict(hidden=h, num_layers=layers,
+                                       num_heads=heads, vocab_size=vocab,
+                                       seq_len=seq), batch, seq=seq)
+
+
+def _moe(name, h, layers, heads, experts, batch=1024, seq=1024, vocab=32000):
+  return BenchConfig("moe", name, dict(hidden=h, num_layers=layers,
+                                       num_heads=heads, num_experts=experts,
+                                       vocab_size=vocab, seq_len=seq,
+                                       moe_every=2), batch, seq=seq)
+
+
+def _wres(name, depth, channels, width, batch=1536, image=224, classes=1024):
+  return BenchConfig("wresnet", name, dict(depth=depth, base_channels=channels,
+                                           width_factor=width,
+                                           num_classes=classes), batch,
+                     image=image)
+
+
+CONFIGS = {c.suite + ":" + c.name: c for c in [
+    # Alpa's GPT-3 configs (seq 1024, vocab 51200)
+    _gpt("350M", 1024, 24, 16), _gpt("760M", 1536, 24, 16),
+    _gpt("1.3B", 2048, 24, 32), _gpt("2.6B", 2560, 32, 32),
+    _gpt("6.7B", 4096, 32, 32), _gpt("15B", 5120, 48, 40),
+    _gpt("39B", 8192, 48, 64),
+    # GShard-style MoE, an MoE feed-forward every other layer
+    _moe("380M", 768, 8, 16, 16), _moe("690M", 768, 8, 16, 32),
+    _moe("1.3B", 768, 16, 16, 32), _moe("2.4B", 1024, 16, 16, 32),
+    _moe("10B", 1536, 16, 16, 64), _moe("27B", 2048, 16, 32, 128),
+    _moe("70B", 2048, 32, 32, 256),
+    # Wide-ResNet (bottleneck), image 224, 1024 classes
+    _wres("250M", 50, 160, 2), _wres("500M", 50, 224, 2),
+    _wres("1B", 50, 320, 2), _wres("2B", 50, 448, 2), _wres("4B", 50, 640, 2),
+    _wres("6.8B", 50, 320, 16), _wres("13B", 101, 320, 16),
+    # small configs that run on 8 CPU devices in seconds
+    _gpt("tiny", 128, 2, 4, batch=16, seq=64, vocab=1024),
+    _gpt("small", 256, 4, 8, batch=32, seq=128, vocab=2048),
+    _moe("tiny", 64, 2, 4, 8, batch=16, seq=32, vocab=512),
+    _moe("small", 128, 4, 4, 8, batch=32, seq=64, vocab=1024),
+    _wres("tiny", 8, 8, 2, batch=16, image=32, classes=10),
+]}
+
+
+def get_config(suite: str, name: str) -> BenchConfig:
+  key = f"{suite}:{name}"
+  if key not in CONFIGS:
+    names = sorted(k.split(":")[1] for k in CONFIGS if k.startswith(suite + ":"))
+    raise ValueError(f"no {suite} config named {name!r}; choose one of {names}")
+  return CONFIGS[key]
+
+
+def make_model(cfg: BenchConfig):
+  if cfg.suite == "gpt":
+    m = dict(cfg.model)
+    return GPT(GPTConfig(vocab_size=m["vocab_size"], seq_len=m["seq_len"],
+                         hidden=m["hidden"], num_heads=m["num_heads"],
+                         num_layers=m["num_layers"]))
+  if cfg.suite == "moe":
+    return MoEModel(**cfg.model)
+  return WideResNet(**cfg.model)
+
+
+def make_batch(cfg: BenchConfig, abstract: bool = False, batch: int | None = None):
+  b = batch or cfg.batch
+  if cfg.suite in ("gpt", "moe"):
+    shape, dtype = (b, cfg.seq), jnp.int32
+    if abstract:
+      return {"x": jax.ShapeDtypeStruct(shape, dtype)}
+    vocab = cfg.model["vocab_size"]
+    return {"x": jax.random.randint(jax.random.PRNGKey(0), shape, 0, vocab)}
+  img = (b, cfg.image, cfg.image, 3)
+  if abstract:
+    return {"x": jax.ShapeDtypeStruct(img, jnp.float32),
+            "y": jax.ShapeDtypeStruct((b,), jnp.int32)}
+  return {"x": jax.random.normal(jax.random.PRNGKey(0), img),
+          "y": jax.random.randint(jax.random.PRNGKey(1), (b,), 0,
+                                  cfg.model["num_classes"])}
+
+
+def make_step(cfg: BenchConfig):
+  def loss_of(params, apply_fn, batch):
+    out = apply_fn(params, batch["x"])
+    if cfg.suite in ("gpt", "moe"):
+      return lm_loss(out, batch["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(out, batch["y"]).mean()
+
+  def step(state, batch):
+    loss, grads = jax.value_and_grad(loss_of)(state.params, state.apply_fn, batch)
+    return state.apply_gradients(grads=grads), loss
+
+  return step
+
+
+def make_state(cfg: BenchConfig, abstract: bool = False):
+  model = make_model(cfg)
+  sample = make_batch(cfg, abstract=True, batch=1)["x"]
+  tx = optax.adamw(1e-4)
+
+  def init():
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros(sample.shape, sample.dtype))
+    return train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                         tx=tx)
+
+  if abstract:
+    return jax.eval_shape(init)
+  return init()
+
+
+def num_params(state) -> int:
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(state.params))

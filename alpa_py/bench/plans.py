@@ -1,0 +1,218 @@
+"""Plans the suite compares: alpa_py's methods and hand-written baselines.
+
+Each plan is compiled and measured on the local devices, and evaluated under
+a cost profile by the same intra-op cost model (its input layouts fixed, the
+rest chosen by the ILP), so that predictions compare like with like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import alpa_py
+from alpa_py.compiler.auto_sharding import PassConfig, run_auto_sharding
+from alpa_py.compiler.cluster_env import LogicalMesh, get_profile
+from alpa_py.compiler.graph import build_graph
+from alpa_py.compiler.lowering import make_mesh
+from alpa_py.compiler.strategies.spec import FORBIDDEN_PENALTY
+from alpa_py.shard_parallel import input_specs, trace
+from alpa_py.bench.hlo_stats import collective_bytes
+
+METHODS = {"data": alpa_py.DataParallel, "zero2": alpa_py.Zero2Parallel,
+           "zero3": alpa_py.Zero3Parallel, "auto": alpa_py.ShardParallel}
+
+
+@dataclasses.dataclass
+class Measured:
+  step_seconds: float
+  memory_per_device: int
+  collective_bytes: dict
+  compile_seconds: float
+  ilp: dict
+
+
+def _time_steps(fn, state, batch, n):
+  state, loss = fn(state, batch)  # warm-up
+  jax.block_until_ready(loss)
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    state, loss = fn(state, batch)
+    jax.block_until_ready(loss)
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), float(loss)
+
+
+def _path_str(path) -> str:
+  return jax.tree_util.keystr(path)
+
+
+def megatron_spec(path: str, shape, mp: str = "y") -> P:
+  """Megatron-LM tensor parallelism: column-parallel qkv/fc1, row-parallel
+  proj/fc2, vocab-parallel embedding; everything else replicated."""
+  col = any(f"'{n}'" in path for n in ("qkv", "fc1"))
+  row = any(f"'{n}'" in path for n in ("proj", "fc2"))
+  if col and path.endswith("['kernel']") and len(shape) == 2:
+    return P(None, mp)
+  if col and path.endswith("['bias']"):
+    return P(mp)
+  if row and path.endswith("['kernel']") and len(shape) == 2:
+    return P(mp, None)
+  if "'wte'" in path and len(shape) == 2:
+    return P(mp, None)
+  return P()
+
+
+def expert_spec(path: str, shape, ep: str = "x") -> P:
+  """Expert parallelism: the expert dim of the batched expert weights."""
+  if any(f"'{n}'" in path for n in ("w1", "w2")) and len(shape) == 3:
+    return P(ep)
+  return P()
+
+
+def _fits(spec: P, shape, mesh) -> P:
+  for dim, axes in zip(shape, tuple(spec)):
+    if axes is None:
+      continue
+    names = axes if isinstance(axes, tuple) else (axes,)
+    if dim % int(np.prod([mesh.shape[a] for a in names])):
+      return P()
+  return spec
+
+
+@dataclasses.dataclass
+class ManualPlan:
+  """A plan written as PartitionSpecs (a baseline)."""
+
+  name: str
+  mesh_shape: tuple
+  param_spec: Callable  # (path str, shape) -> PartitionSpec
+  batch_axes: tuple  # mesh axes splitting the batch's dim 0
+
+  def shardings(self, state, batch, mesh):
+    def leaf(path, x):
+      shape = np.shape(x)
+      return NamedSharding(mesh, _fits(self.param_spec(_path_str(path), shape),
+                                       shape, mesh))
+    st = jax.tree_util.tree_map_with_path(leaf, state)
+    axes = self.batch_axes[0] if len(self.batch_axes) == 1 else self.batch_axes
+    bt = jax.tree_util.tree_map(
+        lambda x: NamedSharding(mesh, _fits(P(axes), np.shape(x), mesh)), batch)
+    return st, bt
+
+
+def manual_plans(suite: str, n: int):
+  plans = []
+  if suite == "gpt" and n % 4 == 0:
+    plans.append(ManualPlan("megatron", (n // 4, 4), megatron_spec, ("x",)))
+  if suite == "moe":
+    plans.append(ManualPlan("ep+dp", (n,), expert_spec, ("x",)))
+  return plans
+
+
+def measure_method(step, state, batch, method, steps: int) -> Measured:
+  t0 = time.perf_counter()
+  par = alpa_py.parallelize(step, method=method)
+  ex = par.get_executable(state, batch)
+  compile_s = time.perf_counter() - t0
+  t, _ = _time_steps(par, state, batch, steps)
+  s = ex.solve_stats
+  return Measured(t, ex.memory_per_device(), collective_bytes(ex.hlo_text()),
+                  compile_s, dict(status=s.status, variables=s.num_variables,
+                                  constraints=s.num_constraints,
+                                  solve_seconds=s.solve_seconds,
+                                  mesh=list(ex.plan.mesh_shape)))
+
+
+def measure_manual(step, state, batch, plan: ManualPlan, devices, steps: int):
+  mesh = make_mesh(devices, plan.mesh_shape)
+  st, bt = plan.shardings(state, batch, mesh)
+  t0 = time.perf_counter()
+  jitted = jax.jit(step, in_shardings=(st, bt),
+                   out_shardings=(st, NamedSharding(mesh, P())))
+  compiled = jitted.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  state = jax.device_put(state, st)
+  batch = jax.device_put(batch, bt)
+  t, _ = _time_steps(compiled, state, batch, steps)
+  m = compiled.memory_analysis()
+  mem = int(m.argument_size_in_bytes + m.output_size_in_bytes +
+            m.temp_size_in_bytes - m.alias_size_in_bytes)
+  return Measured(t, mem, collective_bytes(compiled.as_text()), compile_s, {})
+
+
+def measure_single(step, state, batch, steps: int) -> Measured:
+  dev = jax.devices()[0]
+  state, batch = jax.device_put((state, batch), dev)
+  t0 = time.perf_counter()
+  compiled = jax.jit(step).lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  t, _ = _time_steps(compiled, state, batch, steps)
+  m = compiled.memory_analysis()
+  mem = int(m.argument_size_in_bytes + m.output_size_in_bytes +
+            m.temp_size_in_bytes - m.alias_size_in_bytes)
+  return Measured(t, mem, collective_bytes(compiled.as_text()), compile_s, {})
+
+
+class Predictor:
+  """The cost model's step time for any plan of one traced step."""
+
+  def __init__(self, step, state, batch, n_devices: int):
+    par = alpa_py.parallelize(step)
+    self.sig = par._signature((state, batch))
+    sds = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self.sig.leaves]
+    closed, _, self.alias_pairs = trace(step, self.sig, sds)
+    self.graph = build_graph(closed)
+    self.n = n_devices
+    self.matmul_flops = sum(op.flops for op in self.graph.ops
+                            if op.name in ("dot_general", "conv_general_dilated"))
+
+  def _aliases(self):
+    g = self.graph
+    return [(g.outvars[o], g.invars[i]) for o, i in self.alias_pairs
+            if isinstance(g.outvars[o], int)]
+
+  def _solve(self, shape, profile, specs, penalty, budget=None):
+    cfg = PassConfig(memory_budget=budget, time_limit_s=60.0)
+    return run_auto_sharding(self.graph, LogicalMesh(shape, get_profile(profile)),
+                             cfg, input_specs=specs, aliases=self._aliases(),
+                             alias_penalty=penalty)
+
+  def method(self, name: str, profile: str):
+    if name == "jit":
+      return self._solve((1,), profile, {}, 0.0)
+    layout = METHODS[name]().layout
+    if name == "auto":
+      n = self.n
+      sols = [self._solve((a, n // a), profile, {}, 0.0)
+              for a in range(1, n + 1) if n % a == 0]
+      return min(sols, key=lambda s: s.objective)
+    shape = (self.n,)
+    return self._solve(shape, profile, input_specs(layout, self.sig, shape),
+                       FORBIDDEN_PENALTY)
+
+  def manual(self, plan: ManualPlan, profile: str):
+    names = ("x", "y")[:len(plan.mesh_shape)]
+    mesh_like = dict(zip(names, plan.mesh_shape))
+    specs = {}
+    for i, (leaf, owner, path) in enumerate(zip(self.sig.leaves, self.sig.owners,
+                                                self.sig.paths)):
+      if owner in self.sig.batch:
+        pspec = P(plan.batch_axes[0] if len(plan.batch_axes) == 1
+                  else plan.batch_axes)
+      else:
+        pspec = plan.param_spec(path[len("arg0"):], leaf.shape)
+      pspec = _fits(pspec, leaf.shape, type("M", (), {"shape": mesh_like})())
+      entries = tuple(pspec) + (None,) * (len(leaf.shape) - len(tuple(pspec)))
+      spec = tuple(() if e is None else tuple(names.index(a) for a in
+                                             (e if isinstance(e, tuple) else (e,)))
+                   for e in entries)
+      specs[i] = [spec]
+    return self._solve(plan.mesh_shape, profile, specs, FORBIDDEN_PENALTY)
