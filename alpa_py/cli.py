@@ -3,6 +3,8 @@
   alpa-py demo   train a small model with a method on simulated devices and
                  check it against the single-device step
   alpa-py plan   compile a step and print its sharding plan (no training)
+  alpa-py bench  compare plans on a benchmark config (measured + predicted),
+                 or simulate large configs on GPU clusters (--simulate)
 """
 
 from __future__ import annotations
@@ -177,6 +179,38 @@ def cmd_plan(args) -> int:
   return 0
 
 
+def cmd_bench(args) -> int:
+  import json
+  import os
+
+  os.environ.setdefault("ALPA_PY_QUIET", "1")  # the bars report progress
+  from alpa_py.bench import simulate, suite
+  os.makedirs(args.out, exist_ok=True)
+  if args.simulate:
+    gpus = [int(g) for g in args.gpus.split(",")]
+    rows = []
+    from alpa_py.bench.progress import Bar
+    bar = Bar(len(gpus), f"simulate {args.suite} on {args.simulate}")
+    for g in gpus:
+      name = args.config if args.config and not args.weak_scaling else None
+      rows.append(simulate.simulate_one(args.suite, g, args.simulate, name=name))
+      bar.step(f"{g} GPUs")
+    print(simulate.table(rows))
+    stem = os.path.join(args.out, f"simulate_{args.suite}_{args.simulate}")
+    with open(stem + ".json", "w") as f:
+      json.dump(rows, f, indent=1, default=str)
+    print(f"wrote {stem}.json, {simulate.plot(rows, stem + '.png')}")
+    return 0
+  if args.quick:
+    args.config, args.steps = "tiny", 2
+  result = suite.run_suite(args.suite, args.config or "tiny",
+                           devices=args.devices, steps=args.steps,
+                           profiles=tuple(args.profiles.split(",")))
+  print(suite.table(result))
+  print("wrote " + ", ".join(suite.save(result, args.out, plot=not args.no_plot)))
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="alpa-py", description=__doc__,
                                    formatter_class=argparse.RawTextHelpFormatter)
@@ -207,9 +241,27 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=5)
+  b = sub.add_parser("bench", help="benchmark suite (measured + predicted)")
+  b.add_argument("--suite", choices=("gpt", "moe", "wresnet"), default="gpt")
+  b.add_argument("--config", default=None, help="tiny, small, or a named size "
+                 "(350M ... 39B); with --simulate: default weak scaling")
+  b.add_argument("--devices", type=int, default=8)
+  b.add_argument("--steps", type=int, default=5, help="timed steps per plan")
+  b.add_argument("--profiles", default="cpu,a100_8x_nvlink_100gbps,"
+                 "v100_8x_nvlink_25gbps")
+  b.add_argument("--simulate", default=None, help="a GPU profile: plan the "
+                 "large configs on simulated clusters, nothing allocated")
+  b.add_argument("--gpus", default="1,8,16,32,64")
+  b.add_argument("--weak-scaling", action="store_true",
+                 help="with --simulate: the published model size per GPU count")
+  b.add_argument("--quick", action="store_true", help="tiny config, 2 steps")
+  b.add_argument("--no-plot", action="store_true")
+  b.add_argument("--out", default="bench_out")
   args = parser.parse_args(argv)
   _setup_devices(args.devices)
-  return {"demo": cmd_demo, "plan": cmd_plan}[args.command](args)
+  if args.command == "bench" and args.simulate and args.config is None:
+    args.weak_scaling = True
+  return {"demo": cmd_demo, "plan": cmd_plan, "bench": cmd_bench}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def _moe(name, h, layers, heads, experts, batch=1024, seq=1024, vocab=32000):
   return BenchConfig("moe", name, dict(hidden=h, num_layers=layers,
                                        num_heads=heads, num_experts=experts,
                                        vocab_size=vocab, seq_len=seq,
-                                       moe_every=2), batch, seq=seq)
+                                       moe_every=2, group_size=1024),
+                     batch, seq=seq)
 
 
 def _wres(name, depth, channels, width, batch=1536, image=224, classes=1024):
@@ -59,12 +60,13 @@ CONFIGS = {c.suite + ":" + c.name: c for c in [
     # GShard-style MoE, an MoE feed-forward every other layer
     _moe("380M", 768, 8, 16, 16), _moe("690M", 768, 8, 16, 32),
     _moe("1.3B", 768, 16, 16, 32), _moe("2.4B", 1024, 16, 16, 32),
-    _moe("10B", 1536, 16, 16, 64), _moe("27B", 2048, 16, 32, 128),
-    _moe("70B", 2048, 32, 32, 256),
-    # Wide-ResNet (bottleneck), image 224, 1024 classes
-    _wres("250M", 50, 160, 2), _wres("500M", 50, 224, 2),
-    _wres("1B", 50, 320, 2), _wres("2B", 50, 448, 2), _wres("4B", 50, 640, 2),
-    _wres("6.8B", 50, 320, 16), _wres("13B", 101, 320, 16),
+    _moe("10B", 1536, 16, 16, 64), _moe("27B", 2048, 16, 32, 96),
+    _moe("70B", 2048, 32, 32, 128),
+    # Wide-ResNet (bottleneck, width factor 2), image 224, 1024 classes;
+    # channels chosen so that the parameter counts match the names
+    _wres("250M", 50, 128, 2), _wres("500M", 50, 176, 2),
+    _wres("1B", 50, 256, 2), _wres("2B", 50, 352, 2), _wres("4B", 50, 496, 2),
+    _wres("6.8B", 50, 640, 2), _wres("13B", 101, 640, 2),
     # small configs that run on 8 CPU devices in seconds
     _gpt("tiny", 128, 2, 4, batch=16, seq=64, vocab=1024),
     _gpt("small", 256, 4, 8, batch=32, seq=128, vocab=2048),

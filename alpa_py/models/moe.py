@@ -18,15 +18,34 @@ class MoELayer(nn.Module):
   hidden: int
   ffn: int
   capacity_factor: float = 2.0
+  group_size: int | None = None  # tokens per dispatch group (GShard)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = x.shape
     x = x.reshape(-1, shape[-1])  # [T, H]
+    g = self.group_size
+    if g and x.shape[0] > g and x.shape[0] % g == 0:
+      # dispatch within groups of tokens: capacity and the dispatch einsums
+      # scale with the group, not with the whole batch
+      y = jax.vmap(self._dispatch, in_axes=(0, None, None, None))(
+          x.reshape(-1, g, shape[-1]), *self._weights())
+      return y.reshape(shape)
+    return self._dispatch(x, *self._weights()).reshape(shape)
+
+  def _weights(self):
+    e = self.num_experts
+    gate = self.param("gate", nn.initializers.lecun_normal(), (self.hidden, e))
+    w1 = self.param("w1", nn.initializers.lecun_normal(batch_axis=(0,)),
+                    (e, self.hidden, self.ffn))
+    w2 = self.param("w2", nn.initializers.lecun_normal(batch_axis=(0,)),
+                    (e, self.ffn, self.hidden))
+    return gate, w1, w2
+
+  def _dispatch(self, x, gate_w, w1, w2):
     t, e = x.shape[0], self.num_experts
     cap = max(1, int(self.capacity_factor * 2 * t / e))
-    gate = nn.Dense(e, use_bias=False, name="gate")(x)
-    probs = jax.nn.softmax(gate, axis=-1)
+    probs = jax.nn.softmax(x @ gate_w, axis=-1)
     top_p, top_i = jax.lax.top_k(probs, 2)
     top_p = top_p / top_p.sum(-1, keepdims=True)
     mask1 = jax.nn.one_hot(top_i[:, 0], e, dtype=x.dtype)
@@ -43,15 +62,10 @@ class MoELayer(nn.Module):
     combine = (top_p[:, 0, None, None] * keep1[:, :, None] * slot1[:, None, :] +
                top_p[:, 1, None, None] * keep2[:, :, None] * slot2[:, None, :])
     dispatch = (combine > 0).astype(x.dtype)
-    w1 = self.param("w1", nn.initializers.lecun_normal(batch_axis=(0,)),
-                    (e, self.hidden, self.ffn))
-    w2 = self.param("w2", nn.initializers.lecun_normal(batch_axis=(0,)),
-                    (e, self.ffn, self.hidden))
     xe = jnp.einsum("tec,th->ech", dispatch, x)
     he = jax.nn.relu(jnp.einsum("ech,ehf->ecf", xe, w1))
     ye = jnp.einsum("ecf,efh->ech", he, w2)
-    y = jnp.einsum("tec,ech->th", combine, ye)
-    return y.reshape(shape)
+    return jnp.einsum("tec,ech->th", combine, ye)
 
 
 class MoEModel(nn.Module):
@@ -69,6 +83,7 @@ class MoEModel(nn.Module):
   num_heads: int = 0
   moe_every: int = 1
   seq_len: int = 1024
+  group_size: int | None = None
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -84,7 +99,7 @@ class MoEModel(nn.Module):
       y = nn.LayerNorm()(x)
       if (i + 1) % self.moe_every == 0:
         x = x + MoELayer(self.num_experts, self.hidden, 4 * self.hidden,
-                         name=f"moe_{i}")(y)
+                         group_size=self.group_size, name=f"moe_{i}")(y)
       elif self.num_heads:
         y = nn.Dense(4 * h, name=f"fc1_{i}")(y)
         x = x + nn.Dense(h, name=f"fc2_{i}")(nn.gelu(y))

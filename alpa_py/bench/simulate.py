@@ -1,0 +1,148 @@
+"""Planning large configs on simulated GPU clusters, from abstract shapes.
+
+The step is traced on ``jax.ShapeDtypeStruct``s (no parameter is allocated),
+the intra-op pass plans it on the logical mesh (nodes, 8) of the chosen
+profile, and the predicted step time gives TFLOPS per GPU, printed beside the
+published Alpa / Megatron-LM / DeepSpeed / PP-DP figures of
+``shared/REFERENCE.md`` (weak scaling: a bigger model per GPU count).
+
+Only the intra-operator pass is simulated here (no pipeline stages), with
+float32 parameters and AdamW state (16 bytes per parameter). The global batch
+runs as micro-batches of ``per_gpu`` sequences (images) per GPU, as gradient
+accumulation would: the step time is the micro-batch's predicted time times
+the number of micro-batches (so the optimizer update is counted once per
+micro-batch, an overestimate), and the estimated peak memory per device is
+the micro-batch plan's, planned under the device's memory as the budget
+(``fits`` is False where no plan meets it; the unconstrained plan is then
+reported).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+
+from alpa_py.bench import configs
+from alpa_py.compiler.auto_sharding import (InfeasiblePlanError, PassConfig,
+                                            run_auto_sharding)
+from alpa_py.compiler.cluster_env import LogicalMesh, get_profile
+from alpa_py.compiler.graph import build_graph
+
+GPU_COUNTS = (1, 8, 16, 32, 64)
+WEAK_SCALING = {
+    "gpt": {1: "350M", 8: "2.6B", 16: "6.7B", 32: "15B", 64: "39B"},
+    "moe": {1: "380M", 8: "2.4B", 16: "10B", 32: "27B", 64: "70B"},
+    "wresnet": {1: "250M", 8: "2B", 16: "4B", 32: "6.8B", 64: "13B"},
+}
+# TFLOPS per GPU, Alpa (OSDI '22) artifact, 8x V100 per node, 25 Gb/s
+PUBLISHED = {
+    "gpt": {"Alpa": (45.1, 61.6, 60.0, 59.9, 57.0),
+            "Megatron-LM": (47.5, 50.4, 56.6, 58.2, 57.8)},
+    "moe": {"Alpa": (45.5, 45.8, 45.4, 38.8, 36.6),
+            "DeepSpeed": (34.2, 40.0, 12.9, 3.8, None)},
+    "wresnet": {"Alpa": (8.3, 8.0, 6.8, 6.6, 5.3),
+                "PP-DP": (8.3, 7.7, 0.37, None, None)},
+}
+
+
+def mesh_for(gpus: int, per_node: int) -> tuple[int, int]:
+  return (gpus // per_node, per_node) if gpus > per_node else (1, gpus)
+
+
+PER_GPU = {"gpt": 2, "moe": 2, "wresnet": 16}
+
+
+def simulate_one(suite: str, gpus: int, profile: str, *, name: str | None = None,
+                 per_gpu: int | None = None, time_limit_s: float = 120.0) -> dict:
+  """Predicted step time and TFLOPS/GPU of one config on ``gpus`` GPUs."""
+  name = name or WEAK_SCALING[suite][gpus]
+  cfg = configs.get_config(suite, name)
+  prof = get_profile(profile)
+  t0 = time.perf_counter()
+  micro = min(cfg.batch, gpus * (per_gpu or PER_GPU[suite]))
+  n_micro = max(1, cfg.batch // micro)
+  state = configs.make_state(cfg, abstract=True)
+  data = configs.make_batch(cfg, abstract=True, batch=micro)
+  step = configs.make_step(cfg)
+  closed = jax.make_jaxpr(step)(state, data)
+  graph = build_graph(closed)
+  t_trace = time.perf_counter() - t0
+  flops = sum(op.flops for op in graph.ops
+              if op.name in ("dot_general", "conv_general_dilated"))
+  shape = mesh_for(gpus, prof.devices_per_node)
+  out_n = len(jax.tree_util.tree_leaves(state))
+  aliases = [(graph.outvars[k], graph.invars[k]) for k in range(out_n)
+             if isinstance(graph.outvars[k], int)]
+  fits = True
+  try:
+    sol = run_auto_sharding(graph, LogicalMesh(shape, prof),
+                            PassConfig(memory_budget=prof.memory_per_device,
+                                       time_limit_s=time_limit_s),
+                            aliases=aliases)
+  except InfeasiblePlanError:
+    # report the unconstrained plan, marked as not fitting
+    fits = False
+    sol = run_auto_sharding(graph, LogicalMesh(shape, prof),
+                            PassConfig(time_limit_s=time_limit_s),
+                            aliases=aliases)
+  step_seconds = sol.objective * n_micro
+  flops *= n_micro
+  tflops = flops / step_seconds / gpus / 1e12
+  mem = prof.memory_per_device
+  return dict(suite=suite, config=name, gpus=gpus, profile=profile,
+              mesh=list(shape), params=sum(int(x.size) for x in
+                                           jax.tree_util.tree_leaves(state.params)),
+              matmul_flops=flops, micro_batch=micro, num_micro_batches=n_micro,
+              predicted_step_seconds=step_seconds,
+              predicted_tflops_per_gpu=tflops,
+              estimated_peak_bytes=sol.estimated_peak_bytes,
+              device_memory=mem,
+              fits=fits,
+              ilp=dict(status=sol.status, variables=sol.num_variables,
+                       nodes=sol.num_nodes, solve_seconds=sol.solve_seconds),
+              trace_seconds=t_trace,
+              published={k: v[GPU_COUNTS.index(gpus)] for k, v in
+                         PUBLISHED[suite].items()} if gpus in GPU_COUNTS else {})
+
+
+def table(rows: list[dict]) -> str:
+  lines = [f"{'suite':<8}{'gpus':>5} {'config':>6} {'params':>8} {'mesh':>8} "
+           f"{'pred TFLOPS/GPU':>15} {'Alpa':>6} {'ratio':>6} {'other':>18} "
+           f"{'est GiB/dev':>11} {'fits':>5} {'ILP s':>6}"]
+  for r in rows:
+    alpa = r["published"].get("Alpa")
+    others = {k: v for k, v in r["published"].items() if k != "Alpa"}
+    other = ", ".join(f"{k} {v if v is not None else 'OOM'}" for k, v in others.items())
+    ratio = f"{r['predicted_tflops_per_gpu'] / alpa:6.2f}" if alpa else "     -"
+    lines.append(
+        f"{r['suite']:<8}{r['gpus']:>5} {r['config']:>6} "
+        f"{r['params'] / 1e9:7.2f}B {str(tuple(r['mesh'])):>8} "
+        f"{r['predicted_tflops_per_gpu']:15.2f} {alpa if alpa else '-':>6} {ratio} "
+        f"{other:>18} {r['estimated_peak_bytes'] / 2**30:11.1f} "
+        f"{str(r['fits']):>5} {r['ilp']['solve_seconds']:6.1f}")
+  return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> str:
+  """Predicted vs published TFLOPS/GPU over the GPU counts."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  gpus = [r["gpus"] for r in rows]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot(gpus, [r["predicted_tflops_per_gpu"] for r in rows], "o-",
+          label=f"alpa_py predicted ({rows[0]['profile']})")
+  for name in rows[0]["published"]:
+    vals = [r["published"].get(name) for r in rows]
+    ax.plot([g for g, v in zip(gpus, vals) if v is not None],
+            [v for v in vals if v is not None], "s--", label=f"{name} (published)")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("GPUs (weak scaling)")
+  ax.set_ylabel("TFLOPS per GPU")
+  ax.set_title(f"{rows[0]['suite']}: predicted vs published")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
