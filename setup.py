@@ -19,6 +19,7 @@ setup(
         "ortools>=9.12,<10",
         "numpy>=1.26,<3",
         "ray>=2.40,<3",
+        "flatbuffers>=24.3,<26",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7"],

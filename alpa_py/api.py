@@ -40,8 +40,9 @@ def _resolve(nums: tuple[int, ...], nargs: int, name: str) -> tuple[int, ...]:
 
 
 def _is_array_leaf(x) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic, numbers.Number)) \
-      and not isinstance(x, str)
+  from alpa_py.runtime.ray_cluster import DistributedArray
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, numbers.Number,
+                        DistributedArray)) and not isinstance(x, str)
 
 
 class ParallelizedFunc:
@@ -85,7 +86,15 @@ class ParallelizedFunc:
     sig = self._signature(args)
     ex = self._cache.get(sig.key)
     if ex is None:
-      if isinstance(self.method, PipeshardParallel):
+      if getattr(sig.cluster, "kind", "local") == "ray":
+        if isinstance(self.method, PipeshardParallel):
+          raise ValueError("PipeshardParallel does not run on the Ray backend "
+                           "yet; use ShardParallel (or the local backend)")
+        from alpa_py.runtime.ray_executable import RayExecutable
+        from alpa_py.shard_parallel import compile_step
+        ex = RayExecutable(compile_step(self.fun, args, sig, self.method),
+                           sig.cluster)
+      elif isinstance(self.method, PipeshardParallel):
         from alpa_py.pipeshard_parallel import compile_pipeshard
         ex = compile_pipeshard(self.fun, sig, self.method)
       else:
@@ -126,22 +135,28 @@ class ParallelizedFunc:
               f"{jax.tree_util.keystr(path) or '(top level)'}: "
               f"{type(leaf).__name__} {leaf!r:.60}. Pass it in static_argnums="
               f"({n},) or convert it to an array.")
-        if not isinstance(leaf, jax.Array):
+        if not isinstance(leaf, jax.Array) and not hasattr(leaf, "handle"):
           leaf = jax.numpy.asarray(leaf)
         leaves.append(leaf)
         owners.append(n)
         paths.append(f"arg{n}{jax.tree_util.keystr(path)}")
       treedefs.append(treedef)
-    avals = tuple((tuple(x.shape), str(x.dtype), bool(getattr(
-        jax.typeof(x), "weak_type", False))) for x in leaves)
-    devices = self.method.devices or current_cluster().devices
+    avals = tuple((tuple(x.shape), str(x.dtype), weak_type(x)) for x in leaves)
+    cluster = current_cluster()
+    devices = self.method.devices or cluster.devices
     key = (tuple(treedefs), avals, tuple(static_vals), self.method, donate,
-           batch, tuple(d.id for d in devices))
-    return Signature(key=key, leaves=leaves, treedefs=tuple(treedefs),
+           batch, tuple(d.id for d in devices), id(cluster))
+    return Signature(key=key, leaves=leaves, cluster=cluster, treedefs=tuple(treedefs),
                      dyn_argnums=tuple(dyn), static=tuple(static_vals),
                      donate=donate, batch=batch, owners=tuple(owners),
                      paths=tuple(paths), devices=tuple(devices),
                      nargs=nargs)
+
+
+def weak_type(x) -> bool:
+  if hasattr(x, "handle"):  # a DistributedArray
+    return False
+  return bool(getattr(jax.typeof(x), "weak_type", False))
 
 
 class Signature:

@@ -222,7 +222,8 @@ def compile_step(fun, args, sig, method: ShardParallel) -> Executable:
   if n > 1:
     shapes = accumulation.micro_batch_shapes(sig.leaves, sig.owners, sig.batch,
                                              sig.paths, n)
-  weak = [bool(getattr(jax.typeof(x), "weak_type", False)) for x in sig.leaves]
+  from alpa_py.api import weak_type
+  weak = [weak_type(x) for x in sig.leaves]
   trace_sds = [jax.ShapeDtypeStruct(shape, x.dtype, weak_type=w)
                for shape, x, w in zip(shapes, sig.leaves, weak)]
   with _progress.step("tracing"):
@@ -263,9 +264,10 @@ def compile_step(fun, args, sig, method: ShardParallel) -> Executable:
     lowered_args = [jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=w,
                                          sharding=sh)
                     for x, w, sh in zip(sig.leaves, weak, ins)]
+    jitted = jax.jit(fn, in_shardings=tuple(ins), out_shardings=tuple(outs),
+                     donate_argnums=donate)
     with _progress.step("XLA lowering + compile"):
-      compiled = jax.jit(fn, in_shardings=tuple(ins), out_shardings=tuple(outs),
-                         donate_argnums=donate).lower(*lowered_args).compile()
+      compiled = jitted.lower(*lowered_args).compile()
     plan = make_plan(graph, best, sig.paths, len(graph.outvars),
                      type(method).__name__,
                      method.auto_sharding_option.cost_profile, mesh,
@@ -274,6 +276,8 @@ def compile_step(fun, args, sig, method: ShardParallel) -> Executable:
     ex = Executable(compiled, plan, mesh,
                     solve_stats(best, candidates, time.perf_counter() - t_start),
                     ins, out_tree)
+    ex.jitted, ex.lowered_args, ex.out_specs = jitted, lowered_args, [
+        o.spec for o in outs]
     used = ex.memory_per_device()
     if budget is None or used <= budget:
       break

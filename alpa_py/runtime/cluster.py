@@ -1,8 +1,8 @@
 """``init()`` / ``shutdown()`` and the devices plans run on.
 
-Only the local backend exists so far: the devices of this process
-(``jax.devices()``, e.g. 8 simulated CPU devices). ``parallelize`` without
-``init`` uses it.
+The local backend uses the devices of this process (``jax.devices()``, e.g.
+8 simulated CPU devices); ``parallelize`` without ``init`` uses it. The Ray
+backend (``runtime/ray_cluster.py``) runs steps on host worker actors.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-_SUPPORTED = ("local",)
+_SUPPORTED = ("local", "ray")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,32 +30,51 @@ class DeviceCluster:
 _current: DeviceCluster | None = None
 
 
-def init(cluster: str = "local", **kwargs) -> DeviceCluster:
+def init(cluster: str = "local", address: str | None = None,
+         num_nodes: int | None = None,
+         num_devices_per_node: int | None = None):
   """Attaches alpa_py to a cluster.
 
   Args:
-    cluster: ``"local"``: the devices of this process.
+    cluster: ``"local"`` (the devices of this process) or ``"ray"``.
+    address: Ray only: ``None`` starts a local Ray cluster; ``"auto"`` or
+      ``"host:port"`` attaches to a running one (``ray start --head``).
+    num_nodes: Ray only: hosts to use (default: every alive Ray node; on one
+      machine, more than one means simulated hosts).
+    num_devices_per_node: Ray only: GPUs per host (default: all), or the
+      number of simulated CPU devices per host (default 4).
 
   Returns:
     The cluster.
 
   Raises:
-    ValueError: an unknown or not yet available cluster kind, or options the
-      kind does not take.
+    ValueError: an unknown cluster kind, options the kind does not take, or
+      more hosts/devices than the cluster has.
+    ConnectionError: a Ray address that cannot be reached.
   """
   global _current
   if cluster not in _SUPPORTED:
     raise ValueError(f"cluster (={cluster!r}) is not available; this version "
                      f"supports {_SUPPORTED}")
-  if kwargs:
-    raise ValueError(f"cluster='local' takes no options, got {sorted(kwargs)}")
-  _current = DeviceCluster("local", tuple(jax.devices()))
+  shutdown()
+  if cluster == "local":
+    if address is not None or num_nodes is not None or num_devices_per_node:
+      raise ValueError("cluster='local' takes no address/num_nodes/"
+                       "num_devices_per_node")
+    _current = DeviceCluster("local", tuple(jax.devices()))
+    return _current
+  from alpa_py.runtime.ray_cluster import RayCluster
+  _current = RayCluster(address=address, num_nodes=num_nodes,
+                        num_devices_per_node=num_devices_per_node)
   return _current
 
 
 def shutdown() -> None:
-  """Detaches from the cluster (the local backend holds nothing to release)."""
+  """Releases the cluster: every worker actor it made, and the Ray cluster
+  if ``init`` started it (a cluster it attached to keeps running)."""
   global _current
+  if _current is not None and getattr(_current, "kind", "local") == "ray":
+    _current.shutdown()
   _current = None
 
 
