@@ -136,7 +136,11 @@ class ParallelizedFunc:
               f"{type(leaf).__name__} {leaf!r:.60}. Pass it in static_argnums="
               f"({n},) or convert it to an array.")
         if not isinstance(leaf, jax.Array) and not hasattr(leaf, "handle"):
-          leaf = jax.numpy.asarray(leaf)
+          # Python scalars become strongly typed arrays of their default
+          # dtype, so that feeding a step's outputs back (e.g. the state's
+          # step counter) does not change the signature and recompile.
+          leaf = jax.numpy.asarray(
+              leaf, dtype=jax.dtypes.canonicalize_dtype(np.result_type(leaf)))
         leaves.append(leaf)
         owners.append(n)
         paths.append(f"arg{n}{jax.tree_util.keystr(path)}")

@@ -122,9 +122,13 @@ class RayCluster:
         ray.get(done)  # raises at once if that worker died
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError,
             TimeoutError) as e:
+      lines = [l.strip() for l in str(e).splitlines() if l.strip() and
+               "internal frames" not in l]
+      errs = [l for l in lines if "Error" in l.split(":")[0]]
+      cause = (errs[-1] if errs else lines[-1] if lines else "")[:400]
       raise RuntimeError(
           f"a worker of the Ray cluster failed during `{method}` "
-          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); the cluster "
+          f"({type(e).__name__}: {cause}); the cluster "
           "is unusable: call alpa_py.shutdown() and alpa_py.init() again, then "
           "restore the last checkpoint") from None
     return ray.get(refs)

@@ -61,7 +61,12 @@ class HostWorker:
     vals = []
     for (kind, val), sharding in zip(args, ins):
       if kind == "h":
-        vals.append(self.buffers[val])
+        arr = self.buffers[val]
+        if not arr.sharding.is_equivalent_to(sharding, arr.ndim):
+          # e.g. last step's new state in the layout the plan gave its
+          # outputs; every worker runs the same reshard (SPMD)
+          arr = jax.jit(lambda x: x, out_shardings=sharding)(arr)
+        vals.append(arr)
       else:
         arr = np.asarray(val)
         vals.append(jax.make_array_from_callback(arr.shape, sharding,
