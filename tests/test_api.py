@@ -30,6 +30,9 @@ def test_cache_key_shapes_and_options():
   par = alpa_py.parallelize(step)
   ex1 = par.get_executable(state, batch)
   assert par.get_executable(state, batch) is ex1
+  # feeding the new state back (its step counter was a Python int) reuses it
+  new_state, _ = par(state, batch)
+  assert par.get_executable(new_state, batch) is ex1
   _, batch64, _ = mlp_setup(batch=64)
   assert par.get_executable(state, batch64) is not ex1
   opt = alpa_py.AutoShardingOption(allow_all_to_all=False)

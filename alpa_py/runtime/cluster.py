@@ -78,7 +78,15 @@ def shutdown() -> None:
   _current = None
 
 
+_default_local: DeviceCluster | None = None
+
+
 def current_cluster() -> DeviceCluster:
-  """The cluster from ``init``, or the local devices."""
-  return _current if _current is not None else DeviceCluster(
-      "local", tuple(jax.devices()))
+  """The cluster from ``init``, or the local devices (one stable object, so
+  that it can be part of executable cache keys)."""
+  global _default_local
+  if _current is not None:
+    return _current
+  if _default_local is None:
+    _default_local = DeviceCluster("local", tuple(jax.devices()))
+  return _default_local
