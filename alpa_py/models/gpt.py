@@ -56,6 +56,15 @@ class GPTConfig:
     return 3.0 * fwd
 
 
+def causal_attention(q, k, v):
+  """Softmax attention of ``[b, s, heads, d]`` queries over earlier keys."""
+  s, d = q.shape[1], q.shape[-1]
+  scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(d).astype(q.dtype)
+  mask = jnp.tril(jnp.ones((s, s), bool))
+  scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+  return jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(scores, axis=-1), v)
+
+
 def _dense(cfg: GPTConfig, features: int, name: str, ids):
   if cfg.lora_adapters:
     from alpa_py.models.lora import LoRADense
@@ -77,11 +86,7 @@ class Block(nn.Module):
     qkv = _dense(cfg, 3 * h, "qkv", ids)(y)
     q, k, v = jnp.split(qkv.reshape(b, s, 3, nh, h // nh), 3, axis=2)
     q, k, v = (t.squeeze(2) for t in (q, k, v))  # [b, s, nh, hd]
-    scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(h // nh).astype(cfg.dtype)
-    mask = jnp.tril(jnp.ones((s, s), bool))
-    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    attn = jax.nn.softmax(scores, axis=-1)
-    ctx = jnp.einsum("bnqk,bknd->bqnd", attn, v).reshape(b, s, h)
+    ctx = causal_attention(q, k, v).reshape(b, s, h)
     x = x + _dense(cfg, h, "proj", ids)(ctx)
     y = nn.LayerNorm(dtype=cfg.dtype)(x)
     y = _dense(cfg, cfg.mlp_ratio * h, "fc1", ids)(y)

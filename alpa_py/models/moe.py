@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from alpa_py.models.gpt import causal_attention
+
 
 class MoELayer(nn.Module):
   """Top-2 gated experts, each a two-layer MLP."""
@@ -113,8 +115,5 @@ def _attention(x, num_heads, name):
   qkv = nn.Dense(3 * h, name=f"{name}_qkv")(x)
   q, k, v = jnp.split(qkv.reshape(b, s, 3, num_heads, h // num_heads), 3, axis=2)
   q, k, v = (t.squeeze(2) for t in (q, k, v))
-  scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(h // num_heads)
-  scores = jnp.where(jnp.tril(jnp.ones((s, s), bool)), scores,
-                     jnp.finfo(scores.dtype).min)
-  ctx = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(scores, -1), v)
+  ctx = causal_attention(q, k, v)
   return nn.Dense(h, name=f"{name}_proj")(ctx.reshape(b, s, h))
