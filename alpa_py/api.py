@@ -88,8 +88,12 @@ class ParallelizedFunc:
     if ex is None:
       if getattr(sig.cluster, "kind", "local") == "ray":
         if isinstance(self.method, PipeshardParallel):
-          raise ValueError("PipeshardParallel does not run on the Ray backend "
-                           "yet; use ShardParallel (or the local backend)")
+          from alpa_py.pipeshard_parallel import compile_pipeshard
+          from alpa_py.runtime.ray_pipeshard import RayPipeshardExecutable
+          ex = RayPipeshardExecutable(
+              compile_pipeshard(self.fun, sig, self.method), sig.cluster)
+          self._cache[sig.key] = ex
+          return ex, sig.leaves
         from alpa_py.runtime.ray_executable import RayExecutable
         from alpa_py.shard_parallel import compile_step
         ex = RayExecutable(compile_step(self.fun, args, sig, self.method),

@@ -90,9 +90,10 @@ def _compile_task(graph: OpGraph, sol, mesh) -> TaskExec:
   ins, outs = io_shardings(graph, sol, mesh)
   sds = [jax.ShapeDtypeStruct(graph.tensor(t).shape, graph.tensor(t).dtype,
                               sharding=s) for t, s in zip(graph.invars, ins)]
-  compiled = jax.jit(fn, in_shardings=tuple(ins),
-                     out_shardings=tuple(outs)).lower(*sds).compile()
-  return TaskExec(compiled, tuple(graph.invars), tuple(graph.outvars), tuple(ins))
+  jitted = jax.jit(fn, in_shardings=tuple(ins), out_shardings=tuple(outs))
+  compiled = jitted.lower(*sds).compile()
+  return TaskExec(compiled, tuple(graph.invars), tuple(graph.outvars), tuple(ins),
+                  jitted, sds, tuple(outs))
 
 
 def _time_stage(f: TaskExec, gf: OpGraph, b: TaskExec, gb: OpGraph) -> float:
@@ -299,10 +300,12 @@ def _make_apply(graph: OpGraph, pieces: _Pieces, averaged: set, n: int,
   ins, out_sh = io_shardings(g, best, mesh)
   sds = [jax.ShapeDtypeStruct(g.tensor(t).shape, g.tensor(t).dtype, sharding=s)
          for t, s in zip(g.invars, ins)]
-  compiled = jax.jit(apply_fn, in_shardings=tuple(ins),
-                     out_shardings=tuple(out_sh)).lower(*sds).compile()
+  jitted = jax.jit(apply_fn, in_shardings=tuple(ins),
+                   out_shardings=tuple(out_sh))
+  compiled = jitted.lower(*sds).compile()
   del invar_pos
-  return TaskExec(compiled, tuple(g.invars), tuple(g.outvars), tuple(ins)), \
+  return TaskExec(compiled, tuple(g.invars), tuple(g.outvars), tuple(ins),
+                  jitted, sds, tuple(out_sh)), \
       best, g, mesh
 
 

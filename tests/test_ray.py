@@ -135,3 +135,37 @@ def test_gpt_state_fed_back_in_its_output_layout(two_hosts):
     out, loss = par(out, batch)
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
   _close(out.params, ref.params)
+
+
+def test_two_stage_pipeline_across_two_hosts(two_hosts):
+  from pipeline_models import gpt_pipeline
+  state, batch, step = gpt_pipeline(layers=2, batch=8)
+  ref = state
+  for _ in range(3):
+    ref, ref_loss = jax.jit(step)(ref, batch)
+  calls = {}
+  for n in (2, 4):
+    par = alpa_py.parallelize(step, method=alpa_py.PipeshardParallel(
+        num_micro_batches=n, stage_option=alpa_py.UniformStageOption(num_stages=2)))
+    ex = par.get_executable(state, batch)
+    assert [s.device_ids for s in ex.plan.stages] == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    out = state
+    before = two_hosts.remote_calls
+    for _ in range(3):
+      out, loss = par(out, batch)
+    calls[n] = (two_hosts.remote_calls - before) / 3
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
+    _close(out.params, ref.params)
+  # one call per worker (+ one to clear the mailbox) per step, whatever the
+  # number of micro-batches
+  assert calls[2] == calls[4] == len(two_hosts.workers) + 1
+
+
+def test_stage_spanning_hosts_is_rejected(two_hosts):
+  from pipeline_models import mlp_pipeline
+  state, batch, step = mlp_pipeline()
+  method = alpa_py.PipeshardParallel(
+      num_micro_batches=2, stage_option=alpa_py.ManualStageOption(
+          ((0,), (1, 2, 3)), ((1, 2), (1, 6))))
+  with pytest.raises(ValueError, match="each stage must fit in one host"):
+    alpa_py.parallelize(step, method=method)(state, batch)

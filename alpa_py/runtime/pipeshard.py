@@ -27,6 +27,9 @@ class TaskExec:
   in_ids: tuple[int, ...]
   out_ids: tuple[int, ...]
   in_shardings: tuple
+  jitted: Any = None  # for export to remote workers
+  sds: Any = None
+  out_shardings: Any = None
 
   def memory(self) -> int:
     m = self.compiled.memory_analysis()

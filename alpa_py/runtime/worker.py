@@ -77,6 +77,34 @@ class HostWorker:
       self.buffers[h] = v
     return [(tuple(v.shape), str(v.dtype)) for v in outs]
 
+  def load_pipeline(self, key, payload):
+    """Deserializes a pipeline's stage programs (local meshes) and update
+    (the global mesh)."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    loaded = {}
+    for name, prog in payload["programs"].items():
+      exported = jax.export.deserialize(prog["blob"])
+      shape = prog["mesh_shape"]
+      names = ("x", "y")[:len(shape)]
+      devs = jax.local_devices() if prog["local"] else jax.devices()
+      mesh = Mesh(np.array(devs[:int(np.prod(shape))]).reshape(shape), names,
+                  axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+      ins = tuple(NamedSharding(mesh, s) for s in prog["in_specs"])
+      outs = tuple(NamedSharding(mesh, s) for s in prog["out_specs"])
+      fn = jax.jit(exported.call, in_shardings=ins, out_shardings=outs)
+      loaded[name] = (fn, ins, list(prog["in_ids"]), list(prog["out_ids"]))
+    payload = dict(payload, loaded=loaded)
+    if not hasattr(self, "pipelines"):
+      self.pipelines = {}
+    self.pipelines[key] = payload
+    return True
+
+  def run_pipeline(self, key, step, args, out_handles, mailbox):
+    from alpa_py.runtime.ray_pipeshard import run_pipeline_on_worker
+    return run_pipeline_on_worker(self, key, step, args, out_handles, mailbox)
+
   def fetch(self, handle):
     """This host's shards of a buffer: [(index, ndarray)]."""
     import numpy as np
