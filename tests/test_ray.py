@@ -104,6 +104,37 @@ def test_dead_worker_fails_fast_then_restart_and_resume_from_checkpoint(
     alpa_py.shutdown()
 
 
+def test_worker_killed_during_a_step(two_hosts):
+  import threading
+  from pipeline_models import gpt_pipeline
+  state, batch, step = gpt_pipeline(layers=2, batch=16)
+  par = alpa_py.parallelize(step, method=alpa_py.PipeshardParallel(
+      num_micro_batches=8, stage_option=alpa_py.UniformStageOption(num_stages=2)))
+  s, _ = par(state, batch)  # compiled and loaded
+  outcome = {}
+
+  def run():
+    try:
+      par(s, batch)
+      outcome["result"] = "finished"
+    except RuntimeError as e:
+      outcome["result"] = str(e)
+
+  thread = threading.Thread(target=run)
+  t0 = time.perf_counter()
+  thread.start()
+  time.sleep(0.3)
+  ray.kill(two_hosts.workers[0])
+  thread.join(timeout=120)
+  assert not thread.is_alive(), "the step hung after a worker died"
+  print("in-flight step:", outcome["result"][:60])
+  if outcome["result"] != "finished":  # it died mid-step, as intended
+    assert "worker of the Ray cluster failed" in outcome["result"]
+  with pytest.raises(RuntimeError, match="worker of the Ray cluster failed"):
+    par(s, batch)
+  assert time.perf_counter() - t0 < 120
+
+
 def test_unreachable_address_fails_fast():
   t0 = time.perf_counter()
   with pytest.raises(ConnectionError, match="cannot reach a Ray cluster at "

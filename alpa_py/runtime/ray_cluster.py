@@ -94,6 +94,7 @@ class RayCluster:
     infos = ray.get([w.info.remote() for w in self.workers], timeout=120)
     self.num_devices = infos[0]["devices"]
     self.remote_calls = 0
+    self.extra_actors = []  # e.g. pipeline mailboxes, killed at shutdown
     # Stand-ins on the driver for planning and export: the driver needs as
     # many local devices as the cluster has (simulated CPU devices do).
     local = jax.devices()
@@ -154,12 +155,13 @@ class RayCluster:
 
   def shutdown(self) -> None:
     import ray
-    for w in self.workers:
+    for w in self.workers + self.extra_actors:
       try:
         ray.kill(w)
       except Exception:  # noqa: BLE001 - already dead
         pass
     self.workers = []
+    self.extra_actors = []
     if self.started_ray and ray.is_initialized():
       ray.shutdown()
 

@@ -91,7 +91,8 @@ class RayPipeshardExecutable:
                        if t in set(local_ex._invar_ids)} - set(local_ex._batch_ids))
     marked = sorted(t for t in local_ex._apply.in_ids if t in producer)
     self._key = next(_keys)
-    self._mailbox = ray.remote(Mailbox).remote()
+    self._mailbox = ray.remote(Mailbox).options(num_cpus=0).remote()
+    cluster.extra_actors.append(self._mailbox)
     self._steps = itertools.count()
     payload = dict(programs=programs, instructions=local_ex.instructions,
                    stage_host=stage_host, producer=producer,
