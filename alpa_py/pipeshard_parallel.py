@@ -20,7 +20,7 @@ from alpa_py import _progress
 from alpa_py.compiler import accumulation
 from alpa_py.compiler.auto_sharding import InfeasiblePlanError, run_auto_sharding
 from alpa_py.compiler.cluster_env import LogicalMesh, get_profile
-from alpa_py.compiler.graph import OpGraph, build_graph, evaluate, subgraph
+from alpa_py.compiler.graph import OpGraph, evaluate, subgraph
 from alpa_py.compiler.layers import assign_layers
 from alpa_py.compiler.lowering import (constraint_hooks, io_shardings,
                                        make_mesh, make_step_fn, tensor_spec,
@@ -35,7 +35,7 @@ from alpa_py.pipeshard_plan import PipeshardPlan, StagePlan
 from alpa_py.runtime.pipeshard import (PipeshardExecutable, TaskExec,
                                       build_instructions)
 from alpa_py.shard_parallel import (make_plan, out_names_of, pass_config,
-                                    solve_meshes, trace)
+                                    trace_step)
 
 
 @dataclasses.dataclass
@@ -45,7 +45,6 @@ class _Pieces:
   pipe_ops: list
   post_ops: list
   marked: tuple
-  exec_of: dict  # op index -> ("F" | "B", layer)
 
 
 def _stage_ops(pieces: _Pieces, start: int, end: int):
@@ -272,7 +271,6 @@ def _make_apply(graph: OpGraph, pieces: _Pieces, averaged: set, n: int,
                key=lambda o: o.index)
   outs = [t for t in graph.outvars if isinstance(t, int)]
   g = subgraph(graph, ops, outs)
-  invar_pos = {t: i for i, t in enumerate(graph.invars)}
   aliases = [(graph.outvars[o], graph.invars[i]) for o, i in alias_pairs
              if isinstance(graph.outvars[o], int)]
   opt = method.default_auto_sharding_option
@@ -303,7 +301,6 @@ def _make_apply(graph: OpGraph, pieces: _Pieces, averaged: set, n: int,
   jitted = jax.jit(apply_fn, in_shardings=tuple(ins),
                    out_shardings=tuple(out_sh))
   compiled = jitted.lower(*sds).compile()
-  del invar_pos
   return TaskExec(compiled, tuple(g.invars), tuple(g.outvars), tuple(ins),
                   jitted, sds, tuple(out_sh)), \
       best, g, mesh
@@ -314,16 +311,7 @@ def compile_pipeshard(fun, sig, method: PipeshardParallel) -> PipeshardExecutabl
   t_start = time.perf_counter()
   report: dict = {}
   n = method.num_micro_batches
-  shapes = accumulation.micro_batch_shapes(sig.leaves, sig.owners, sig.batch,
-                                           sig.paths, n)
-  weak = [bool(getattr(jax.typeof(x), "weak_type", False)) for x in sig.leaves]
-  sds = [jax.ShapeDtypeStruct(s, x.dtype, weak_type=w)
-         for s, x, w in zip(shapes, sig.leaves, weak)]
-  with _progress.step("tracing"):
-    closed, out_tree, alias_pairs = trace(fun, sig, sds)
-  graph = build_graph(closed)
-  _progress.log(f"graph: {graph.summary()}")
-  batch_inputs = {i for i, o in enumerate(sig.owners) if o in sig.batch}
+  graph, out_tree, alias_pairs, _, _, batch_inputs = trace_step(fun, sig, n)
   part = accumulation.partition(graph, batch_inputs, n, out_names_of(out_tree))
   pipe_ops = sorted(part.pre + part.body, key=lambda o: o.index)
   t0 = time.perf_counter()
@@ -332,7 +320,7 @@ def compile_pipeshard(fun, sig, method: PipeshardParallel) -> PipeshardExecutabl
   _progress.log(f"{layers.num_layers} layers, GFLOP per layer: "
                 + ", ".join(f"{f / 1e9:.3f}" for f in layers.layer_flops))
   pieces = _Pieces(graph, layers, pipe_ops, sorted(part.post, key=lambda o: o.index),
-                   part.marked, {})
+                   part.marked)
   devices = list(sig.devices)
   N = len(devices)
   opt = method.default_auto_sharding_option
@@ -412,8 +400,7 @@ def compile_pipeshard(fun, sig, method: PipeshardParallel) -> PipeshardExecutabl
         if t not in readers:
           for m in range(n):
             frees.setdefault(index_of[(kind, k, m)], []).append(t)
-  instructions = build_instructions(tasks, stages, per_step, averaged,
-                                    set(producer_task), frees)
+  instructions = build_instructions(tasks, stages, per_step, averaged, frees)
   plan = PipeshardPlan(
       stages=tuple(stage_plans),
       schedule=tuple(" ".join(f"{kind}{s}.{m}" for kind, s, m in clock)

@@ -212,25 +212,36 @@ def solve_stats(sol: ShardingSolution, candidates, compile_s=0.0) -> SolveStats:
                     compile_seconds=compile_s)
 
 
+def trace_step(fun, sig, n: int):
+  """Traces the step on one micro-batch (the whole batch when ``n == 1``).
+
+  Returns:
+    (graph, out tree, alias pairs, traced input shapes, weak types, flat
+    positions of the batch inputs).
+  """
+  from alpa_py.api import weak_type
+  from alpa_py.compiler import accumulation
+  shapes = accumulation.micro_batch_shapes(sig.leaves, sig.owners, sig.batch,
+                                           sig.paths, n)
+  weak = [weak_type(x) for x in sig.leaves]
+  sds = [jax.ShapeDtypeStruct(shape, x.dtype, weak_type=w)
+         for shape, x, w in zip(shapes, sig.leaves, weak)]
+  with _progress.step("tracing"):
+    closed, out_tree, alias_pairs = trace(fun, sig, sds)
+  graph = build_graph(closed)
+  _progress.log(f"graph: {graph.summary()}")
+  batch_inputs = {i for i, o in enumerate(sig.owners) if o in sig.batch}
+  return graph, out_tree, alias_pairs, shapes, weak, batch_inputs
+
+
 def compile_step(fun, args, sig, method: ShardParallel) -> Executable:
   """Compiles ``fun`` for the call signature ``sig`` under ``method``."""
   from alpa_py.compiler import accumulation
 
   t_start = time.perf_counter()
   n = method.num_micro_batches or 1
-  shapes = [tuple(x.shape) for x in sig.leaves]
-  if n > 1:
-    shapes = accumulation.micro_batch_shapes(sig.leaves, sig.owners, sig.batch,
-                                             sig.paths, n)
-  from alpa_py.api import weak_type
-  weak = [weak_type(x) for x in sig.leaves]
-  trace_sds = [jax.ShapeDtypeStruct(shape, x.dtype, weak_type=w)
-               for shape, x, w in zip(shapes, sig.leaves, weak)]
-  with _progress.step("tracing"):
-    closed, out_tree, alias_pairs = trace(fun, sig, trace_sds)
-  graph = build_graph(closed)
-  _progress.log(f"graph: {graph.summary()}")
-  batch_inputs = {i for i, o in enumerate(sig.owners) if o in sig.batch}
+  graph, out_tree, alias_pairs, shapes, weak, batch_inputs = trace_step(
+      fun, sig, n)
   part = None
   if n > 1:
     part = accumulation.partition(graph, batch_inputs, n,
@@ -239,6 +250,7 @@ def compile_step(fun, args, sig, method: ShardParallel) -> Executable:
   layout = method.layout
   budget = method.auto_sharding_option.memory_budget_per_device
   ilp_budget = budget
+  best_bytes = None  # smallest XLA memory seen over the re-plans
   for attempt in range(_BUDGET_ATTEMPTS):
     try:
       best, candidates = solve_meshes(

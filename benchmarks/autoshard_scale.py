@@ -19,7 +19,6 @@ import optax  # noqa: E402
 from flax.training import train_state  # noqa: E402
 
 import alpa_py  # noqa: E402
-from alpa_py.compiler import auto_sharding  # noqa: E402
 from alpa_py.compiler.graph import build_graph  # noqa: E402
 from alpa_py.models import GPT, GPTConfig  # noqa: E402
 from alpa_py.models.gpt import lm_loss  # noqa: E402

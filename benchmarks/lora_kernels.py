@@ -12,7 +12,6 @@ interpret mode, which is a correctness tool, not a timing one), and the
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time

@@ -3,7 +3,6 @@ cost profiles, with every figure in one JSON document."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -152,7 +151,3 @@ def plot_result(result: dict, path: str) -> str:
   fig.savefig(path, dpi=90)
   plt.close(fig)
   return path
-
-
-def as_dict(x):
-  return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x

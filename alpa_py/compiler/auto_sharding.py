@@ -27,7 +27,7 @@ from alpa_py.compiler.strategies.loop_nest import Strategy
 from alpa_py.compiler.strategies.registry import (strategies_for,
                                                   tensor_strategies)
 from alpa_py.compiler.strategies.rules import ELEMENTWISE
-from alpa_py.compiler.strategies.spec import (FORBIDDEN_PENALTY, Spec,
+from alpa_py.compiler.strategies.spec import (Spec,
                                               num_shards, replicated,
                                               resharding_cost)
 

@@ -421,16 +421,9 @@ def bgmv(x, A, B, adapter_ids, scale, *, ranks=None, backend: str = "auto",
   if ids.shape != (x.shape[0],):
     raise ValueError(f"adapter_ids has shape {tuple(ids.shape)}; expected "
                      f"({x.shape[0]},), one per token")
-  kind = _resolve(backend)
-  if kind == "reference":
-    return bgmv_reference(x, A, B, ids, scale, ranks=ranks)
-  if kind == "ragged_dot":
-    return _ragged(x, A, B, ids, scale, ranks)
-  interp = _default_interpret() if interpret is None else interpret
-  ranks_f = None if ranks is None else jnp.asarray(ranks, jnp.float32)
   none = jnp.zeros((1,), jnp.int32)
-  return _lora_pallas(x, A, B, scale, ranks_f, ids, none, none, "bgmv",
-                      block_sizes, interp)
+  return _run(x, A, B, ids, scale, ranks, backend, none, none, "bgmv",
+              block_sizes, interpret)
 
 
 def sgmv(x, A, B, seg_starts, seg_adapter_ids, scale, *, ranks=None,
@@ -456,8 +449,16 @@ def sgmv(x, A, B, seg_starts, seg_adapter_ids, scale, *, ranks=None,
   if seg_starts.shape != (seg_ids.shape[0] + 1,):
     raise ValueError(f"seg_starts has {seg_starts.shape[0]} entries for "
                      f"{seg_ids.shape[0]} segments; expected S + 1")
-  kind = _resolve(backend)
   ids = segments_to_ids(seg_starts, seg_ids, x.shape[0])
+  return _run(x, A, B, ids, scale, ranks, backend, seg_starts, seg_ids, "sgmv",
+              block_sizes, interpret)
+
+
+def _run(x, A, B, ids, scale, ranks, backend, seg_starts, seg_ids, layout,
+         block_sizes, interpret):
+  """Dispatches to a backend (both layouts reduce to per-token ids except
+  in the Pallas kernels)."""
+  kind = _resolve(backend)
   if kind == "reference":
     return bgmv_reference(x, A, B, ids, scale, ranks=ranks)
   if kind == "ragged_dot":
@@ -465,4 +466,4 @@ def sgmv(x, A, B, seg_starts, seg_adapter_ids, scale, *, ranks=None,
   interp = _default_interpret() if interpret is None else interpret
   ranks_f = None if ranks is None else jnp.asarray(ranks, jnp.float32)
   return _lora_pallas(x, A, B, scale, ranks_f, ids, seg_starts, seg_ids,
-                      "sgmv", block_sizes, interp)
+                      layout, block_sizes, interp)

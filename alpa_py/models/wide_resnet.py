@@ -4,7 +4,6 @@ GroupNorm stands in for BatchNorm so that the training step is a pure
 function of (params, batch) (no running statistics to thread through).
 """
 
-from typing import Sequence
 
 import flax.linen as nn
 import jax

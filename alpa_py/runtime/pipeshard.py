@@ -66,7 +66,7 @@ class Instruction:
     return f"{self.kind.value:<4} {self.task}{self.stage}.{mb}{t}"
 
 
-def build_instructions(tasks, stages, per_step, marked, produced, frees):
+def build_instructions(tasks, stages, per_step, marked, frees):
   """The instruction list for tasks in clock order.
 
   Args:
@@ -74,7 +74,6 @@ def build_instructions(tasks, stages, per_step, marked, produced, frees):
     stages: per stage {"F": TaskExec, "B": TaskExec}.
     per_step: tensor ids that are the same for every micro-batch.
     marked: tensor ids to accumulate.
-    produced: tensor ids some task produces (kept until their last reader).
     frees: task position -> tensors whose last reader that task is.
   """
   out = []
@@ -94,7 +93,6 @@ def build_instructions(tasks, stages, per_step, marked, produced, frees):
         out.append(Instruction(Instr.ACC, s, kind, m, t))
     for t in frees.get(pos, ()):
       out.append(Instruction(Instr.FREE, s, kind, m, t))
-  del produced
   return tuple(out)
 
 

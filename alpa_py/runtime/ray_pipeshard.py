@@ -131,7 +131,6 @@ def run_pipeline_on_worker(worker, key, step, args, out_handles, mailbox):
   """The worker side (called from ``HostWorker.run_pipeline``)."""
   import ray
   from jax.experimental import multihost_utils
-  from jax.sharding import Mesh, NamedSharding
   P = worker.pipelines[key]
   me = worker.rank
   n = P["num_micro_batches"]
@@ -202,5 +201,4 @@ def run_pipeline_on_worker(worker, key, step, args, out_handles, mailbox):
   jax.block_until_ready(outs)
   for h, v in zip(out_handles, outs):
     worker.buffers[h] = v
-  del Mesh, NamedSharding
   return [(tuple(v.shape), str(v.dtype)) for v in outs]

@@ -7,7 +7,6 @@ it (see ``registry.strategies_for``).
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 from alpa_py.compiler.graph import Op, TensorInfo
