@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from alpa_py.kernels import _backend
+
 BACKENDS = ("auto", "pallas", "ragged_dot", "reference")
 
 
@@ -330,18 +332,6 @@ def _bgmv_groups(ids, n):
   return sizes, jnp.arange(-1, n, dtype=jnp.int32), order
 
 
-def _default_interpret() -> bool:
-  return jax.default_backend() != "gpu"
-
-
-def _resolve(backend: str) -> str:
-  if backend not in BACKENDS:
-    raise ValueError(f"backend (={backend!r}) must be one of {BACKENDS}")
-  if backend == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
-  return backend
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
 def _lora_pallas(x, A, B, scale, ranks_f, ids, seg_starts, seg_ids, layout,
                  blocks, interpret):
@@ -458,12 +448,12 @@ def _run(x, A, B, ids, scale, ranks, backend, seg_starts, seg_ids, layout,
          block_sizes, interpret):
   """Dispatches to a backend (both layouts reduce to per-token ids except
   in the Pallas kernels)."""
-  kind = _resolve(backend)
+  kind = _backend.resolve(backend, BACKENDS)
   if kind == "reference":
     return bgmv_reference(x, A, B, ids, scale, ranks=ranks)
   if kind == "ragged_dot":
     return _ragged(x, A, B, ids, scale, ranks)
-  interp = _default_interpret() if interpret is None else interpret
+  interp = _backend.default_interpret() if interpret is None else interpret
   ranks_f = None if ranks is None else jnp.asarray(ranks, jnp.float32)
   return _lora_pallas(x, A, B, scale, ranks_f, ids, seg_starts, seg_ids,
                       layout, block_sizes, interp)

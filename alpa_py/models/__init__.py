@@ -7,4 +7,6 @@ from alpa_py.models.lora import LoRADense as LoRADense
 from alpa_py.models.mlp import MLP as MLP
 from alpa_py.models.moe import MoELayer as MoELayer
 from alpa_py.models.moe import MoEModel as MoEModel
+from alpa_py.models.sparse_mlp import SparseMLP as SparseMLP
+from alpa_py.models.sparse_mlp import SparseSGD as SparseSGD
 from alpa_py.models.wide_resnet import WideResNet as WideResNet

@@ -1,0 +1,189 @@
+"""A two-layer shifted-ReLU network trained through the firing-neuron index.
+
+``f(x) = sum_r a_r * relu(<w_r, x> - b)`` with trainable ``W[m, d]`` and
+fixed output signs ``a[m]`` (as in the over-parameterization analyses this
+follows). For a training set held in a :class:`FiringIndex`, a gradient step
+on the mean-squared error touches only the neurons that fire on some point:
+
+1. the union U of firing neurons from the per-neuron maxima, O(m);
+2. outputs from the stored correlations of U, O(n|U|);
+3. gradients of U only, ``J_U^T e / n``, O(n|U|d);
+4. the new rows of U written back and their correlations recomputed, O(n|U|d).
+
+That is the dense gradient step exactly (the other neurons have zero
+gradient): :func:`dense_sgd_step` is the plain ``jax.jit`` version it is
+tested against. When more than ``capacity`` neurons fire, the step runs
+densely instead (same result) and :class:`SparseSGD` warns and grows the
+capacity for the following steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from alpa_py.kernels import sparse_neuron as sn
+
+
+class SparseMLP(nn.Module):
+  """Shifted-ReLU layer of ``width`` neurons with output signs ``a``.
+
+  Variables: ``params/kernel`` ``[width, d]`` (N(0, 1) entries) and
+  ``constants/a`` ``[width]`` (random signs times ``output_scale``, not
+  trained). ``__call__`` is the dense forward for any inputs; training on a
+  fixed set goes through :class:`SparseSGD`.
+  """
+
+  width: int
+  threshold: float
+  output_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x):
+    W = self.param("kernel", nn.initializers.normal(1.0),
+                   (self.width, x.shape[-1]))
+    a = self.variable(
+        "constants", "a", lambda: self.output_scale * jax.random.rademacher(
+            self.make_rng("params"), (self.width,), jnp.float32)).value
+    return dense_forward(W, a, x, self.threshold)
+
+
+def dense_forward(W, a, X, b):
+  """``relu(X W^T - b) a`` with the index's matmul precision."""
+  return jnp.dot(a, jnp.maximum(sn.correlations(W, X) - b, 0.0),
+                 precision=sn._HIGHEST)
+
+
+@jax.jit
+def dense_sgd_step(W, a, X, y, b, lr):
+  """One plain gradient step on ``0.5 * mean((f(X) - y)^2)``: O(nmd)."""
+
+  def loss_fn(W):
+    return 0.5 * jnp.mean(jnp.square(dense_forward(W, a, X, b) - y))
+
+  loss, g = jax.value_and_grad(loss_fn)(W)
+  return W - lr * g, loss
+
+
+class StepInfo(NamedTuple):
+  """What a sparse step touched: ``union`` neurons fired on some point,
+  ``pairs`` (point, neuron) firings in all, ``dense`` the step ran densely
+  because ``union`` exceeded the capacity."""
+
+  union: jax.Array
+  pairs: jax.Array
+  dense: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("backend",), donate_argnums=(0,))
+def _step_on(index: sn.FiringIndex, ids, valid, a, y, b, lr, backend):
+  f = sn.forward(index, ids, a, b, backend=backend)
+  err = f - y
+  loss = 0.5 * jnp.mean(jnp.square(err))
+  grad = sn.transpose_apply(index, ids, a, b, err / y.shape[0],
+                            backend=backend)
+  rows = jnp.take(index.W, ids, axis=0, mode="fill", fill_value=0)
+  pairs = jnp.sum(jnp.take(index.corr, ids, axis=0) > b)
+  return index.update_masked(ids, rows - lr * grad, valid), loss, pairs
+
+
+_union = jax.jit(sn.FiringIndex.firing_union, static_argnums=(2,))
+
+
+def sparse_sgd_step(index: sn.FiringIndex, a, y, b, lr, *, capacity: int,
+                    backend: str = "auto"):
+  """One gradient step through the index (donated); see the module doc.
+
+  The union is found first (a small jitted program, O(m)); its size is read
+  on the host to choose the sparse program or, when it exceeds ``capacity``,
+  the dense one (``lax.cond`` would make XLA copy the index every step).
+
+  Returns ``(index, loss, StepInfo)``; ``loss`` is the loss before the step.
+  """
+  union = _union(index, b, capacity)
+  dense = bool(union.overflow)
+  if dense:
+    ids = jnp.arange(index.num_neurons, dtype=jnp.int32)
+    index, loss, pairs = _step_on(index, ids, jnp.ones(ids.shape, bool), a, y,
+                                  b, lr, "reference")
+  else:
+    index, loss, pairs = _step_on(index, union.ids, union.valid, a, y, b, lr,
+                                  backend)
+  return index, loss, StepInfo(union.count, pairs, dense)
+
+
+@dataclasses.dataclass
+class SparseSGD:
+  """Gradient descent on a :class:`SparseMLP` over a training set in an index.
+
+  Attributes:
+    model: the layer (its ``threshold`` is ``b``).
+    learning_rate: step size.
+    capacity: union slots (default: :func:`choose_capacity` of the first
+      union). Grown the same way after a step that overflowed.
+    backend: operator backend (``auto``: Pallas on GPU, jnp elsewhere).
+  """
+
+  model: SparseMLP
+  learning_rate: float
+  capacity: int | None = None
+  backend: str = "auto"
+  _warned: bool = dataclasses.field(default=False, repr=False)
+
+  def init(self, variables, X, *, block: int = 128) -> sn.FiringIndex:
+    """Builds the index of the training set ``X`` (O(nmd), once)."""
+    sn.check_threshold(self.model.threshold)
+    W = variables["params"]["kernel"]
+    if X.ndim != 2 or X.shape[1] != W.shape[1]:
+      raise ValueError(f"X has shape {tuple(X.shape)}; expected (n, "
+                       f"{W.shape[1]}) for a kernel of shape {tuple(W.shape)}")
+    index = sn.FiringIndex.build(W, X, block=block)
+    if self.capacity is None:
+      count = int(jnp.sum(index.neuron_max > self.model.threshold))
+      self.capacity = choose_capacity(count, index.num_neurons)
+    return index
+
+  def step(self, index, variables, y):
+    """One step; returns ``(index, loss, StepInfo)`` (the old index is
+    donated: do not use it afterwards). Blocks on the result."""
+    if y.shape != (index.num_points,):
+      raise ValueError(f"y has shape {tuple(y.shape)}; expected "
+                       f"({index.num_points},), one target per indexed point")
+    a = variables["constants"]["a"]
+    index, loss, info = sparse_sgd_step(
+        index, a, y, jnp.float32(self.model.threshold),
+        jnp.float32(self.learning_rate), capacity=self.capacity,
+        backend=self.backend)
+    if bool(info.dense):
+      union = int(info.union)
+      if not self._warned:
+        self._warned = True
+        warnings.warn(
+            f"{union} neurons fired, more than the union capacity "
+            f"(={self.capacity}); the step ran densely (same result). "
+            "Capacity grows for the next steps; pass a larger `capacity` "
+            "or a larger threshold to stay sparse", stacklevel=2)
+      self.capacity = choose_capacity(union, index.num_neurons)
+    return index, loss, info
+
+  @staticmethod
+  def variables(variables, index):
+    """``variables`` with the kernel trained in ``index``."""
+    params = dict(variables["params"], kernel=index.W)
+    return dict(variables, params=params)
+
+
+def choose_capacity(union: int, num_neurons: int, headroom: float = 1.25) -> int:
+  """Union slots for ``union`` firing neurons: ``headroom`` x the count,
+  rounded up to an eighth of a power of two (few distinct compiled sizes,
+  little padding), at least 64 and at most ``num_neurons``."""
+  want = max(64, math.ceil(headroom * union))
+  step = 1 << max(0, math.ceil(math.log2(want)) - 3)
+  return min(-(-want // step) * step, num_neurons)
