@@ -24,6 +24,9 @@ setup(
     extras_require={
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7"],
         "gpu": ["cupy-cuda13x>=13,<15"],
+        # benchmarks/newton.py: digits data, plots, the jaxopt baseline
+        "bench": ["scikit-learn>=1.4,<2", "matplotlib>=3.8,<4",
+                  "jaxopt>=0.8,<0.9"],
     },
     entry_points={"console_scripts": ["alpa-py=alpa_py.cli:main"]},
 )

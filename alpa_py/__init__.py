@@ -20,6 +20,7 @@ from alpa_py.methods import PipeshardParallel as PipeshardParallel
 from alpa_py.methods import ShardParallel as ShardParallel
 from alpa_py.methods import Zero2Parallel as Zero2Parallel
 from alpa_py.methods import Zero3Parallel as Zero3Parallel
+from alpa_py import optim as optim
 from alpa_py.pipeshard_plan import PipeshardPlan as PipeshardPlan
 from alpa_py.runtime.pipeshard import PipeshardExecutable as PipeshardExecutable
 from alpa_py.runtime.cluster import init as init

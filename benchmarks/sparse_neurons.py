@@ -31,8 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alpa_py.kernels import sparse_neuron as sn
-from alpa_py.models.sparse_mlp import (choose_capacity, dense_sgd_step,
-                                      sparse_sgd_step)
+from alpa_py.models.sparse_mlp import dense_sgd_step, sparse_sgd_step
 
 
 def problem(n, d, m, seed=0):
@@ -62,7 +61,7 @@ def measure(n, d, m, b, lr, reps):
   fires = index.corr[:m] > b
   per_point = float(jnp.mean(fires))
   union = int(jnp.sum(index.neuron_max > b))
-  capacity = choose_capacity(union, m)
+  capacity = sn.choose_capacity(union, m)
 
   def sparse(index):
     index, loss, info = sparse_sgd_step(index, a, y, b, lr, capacity=capacity)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from typing import NamedTuple
 
@@ -226,6 +227,15 @@ class FiringIndex:
                                                               mode="drop")
     return dataclasses.replace(self, W=W, corr=corr, neuron_max=neuron_max,
                                block_bound=block_bound)
+
+
+def choose_capacity(union: int, num_neurons: int, headroom: float = 1.25) -> int:
+  """Union slots for ``union`` firing neurons: ``headroom`` x the count,
+  rounded up to an eighth of a power of two (few distinct compiled sizes,
+  little padding), at least 64 and at most ``num_neurons``."""
+  want = max(64, math.ceil(headroom * union))
+  step = 1 << max(0, math.ceil(math.log2(want)) - 3)
+  return min(-(-want // step) * step, num_neurons)
 
 
 def correlations(W, X):

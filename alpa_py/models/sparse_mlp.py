@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 from typing import NamedTuple
 
@@ -147,7 +146,7 @@ class SparseSGD:
     index = sn.FiringIndex.build(W, X, block=block)
     if self.capacity is None:
       count = int(jnp.sum(index.neuron_max > self.model.threshold))
-      self.capacity = choose_capacity(count, index.num_neurons)
+      self.capacity = sn.choose_capacity(count, index.num_neurons)
     return index
 
   def step(self, index, variables, y):
@@ -170,7 +169,7 @@ class SparseSGD:
             f"(={self.capacity}); the step ran densely (same result). "
             "Capacity grows for the next steps; pass a larger `capacity` "
             "or a larger threshold to stay sparse", stacklevel=2)
-      self.capacity = choose_capacity(union, index.num_neurons)
+      self.capacity = sn.choose_capacity(union, index.num_neurons)
     return index, loss, info
 
   @staticmethod
@@ -178,12 +177,3 @@ class SparseSGD:
     """``variables`` with the kernel trained in ``index``."""
     params = dict(variables["params"], kernel=index.W)
     return dict(variables, params=params)
-
-
-def choose_capacity(union: int, num_neurons: int, headroom: float = 1.25) -> int:
-  """Union slots for ``union`` firing neurons: ``headroom`` x the count,
-  rounded up to an eighth of a power of two (few distinct compiled sizes,
-  little padding), at least 64 and at most ``num_neurons``."""
-  want = max(64, math.ceil(headroom * union))
-  step = 1 << max(0, math.ceil(math.log2(want)) - 3)
-  return min(-(-want // step) * step, num_neurons)

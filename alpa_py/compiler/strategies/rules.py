@@ -18,6 +18,7 @@ RULES: dict[str, Rule] = {}
 
 ELEMENTWISE = (
     "abs acos acosh add add_any and asin asinh atan atan2 atanh bessel_i0e "
+    "bitcast_convert_type "
     "bessel_i1e cbrt ceil clamp clz conj convert_element_type copy copy_p cos "
     "cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt igamma "
     "igammac imag integer_pow is_finite le lgamma log log1p logistic lt max "
@@ -28,11 +29,14 @@ ELEMENTWISE = (
 
 # Deliberately kept whole: control flow (the body runs with one layout on
 # every iteration, and we do not look inside), PRNG key plumbing (tiny), and
-# grouped matmuls / custom kernels whose row groups a split would cut.
+# grouped matmuls / custom kernels whose row groups a split would cut, and
+# dense factorizations (cholesky, triangular solves, eigh, ...: the small
+# n x n systems of second-order optimizers, where a split buys nothing).
 REPLICATED = ("scan while cond ragged_dot_general pallas_call random_bits random_seed random_wrap "
               "random_unwrap random_fold_in random_split rng_bit_generator "
               "rng_uniform custom_lin pure_callback io_callback debug_callback "
-              "linear_solve custom_linear_solve").split()
+              "linear_solve custom_linear_solve cholesky triangular_solve eigh eig lu qr "
+              "svd householder_product tridiagonal_solve").split()
 
 
 def register(*names: str):

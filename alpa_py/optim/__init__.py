@@ -1,0 +1,5 @@
+"""Optimizers (Newton-type) for JAX models."""
+
+from alpa_py.optim.newton import GGNState as GGNState
+from alpa_py.optim.newton import GramGaussNewton as GramGaussNewton
+from alpa_py.optim.newton import gram_gauss_newton as gram_gauss_newton
