@@ -99,6 +99,17 @@ def test_bad_shapes():
     index.update([0], np.ones((1, 5)))
   with pytest.raises(ValueError, match="backend"):
     sn.forward(index, jnp.array([0]), jnp.ones(4), 1.0, backend="cuda")
+  with pytest.raises(ValueError, match=r"neuron_ids must lie in \[0, 4\); got "
+                     "values from -1 to 4"):
+    index.update([-1, 4], np.ones((2, 3)))
+  with pytest.raises(ValueError, match="1-D"):
+    index.update(0, np.ones((1, 3)))
+  with pytest.raises(ValueError, match=r"capacity \(=0\) must be >= 1"):
+    index.query(1.0, capacity=0)
+  model = SparseMLP(width=4, threshold=1.0)
+  with pytest.raises(ValueError, match="before init"):
+    SparseSGD(model, 0.1).step(index, {"constants": {"a": jnp.ones(4)}},
+                               jnp.zeros(2))
 
 
 @pytest.mark.parametrize("n,k", [(5, 3), (32, 17), (130, 40)])
@@ -167,6 +178,12 @@ def test_sparse_training_equals_dense(backend):
   trained = SparseSGD.variables(variables, index)
   np.testing.assert_allclose(model.apply(trained, X),
                              dense_forward(W, a, X, b), rtol=1e-5, atol=1e-5)
+  # the padding rows (the empty-slot id) were never written
+  assert np.all(np.isneginf(np.asarray(index.corr)[3000:]))
+  assert np.all(np.isneginf(np.asarray(index.neuron_max)[3000:]))
+  # a further step donates the index, not the returned variables
+  index, _, _ = opt.step(index, variables, y)
+  assert np.all(np.isfinite(np.asarray(trained["params"]["kernel"])))
   # the caller's variables were not donated away
   assert variables["params"]["kernel"].shape == (3000, 12)
   np.asarray(variables["params"]["kernel"])

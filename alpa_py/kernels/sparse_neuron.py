@@ -33,6 +33,8 @@ K union capacity):
 * ``forward`` / ``transpose_apply`` over a union of K neurons: O(nK) and
   O(nKd) -- the gather-and-accumulate operators, with a Pallas kernel each
   (``backend="pallas"``; interpreted off GPU) and a pure-jnp reference.
+  ``backend="auto"`` is the reference everywhere for now: the kernels have
+  been checked in interpret mode only, not lowered on a GPU.
 """
 
 from __future__ import annotations
@@ -193,8 +195,12 @@ class FiringIndex:
                    max_blocks: int | None = None) -> FiringSets:
     """:meth:`query` with a fixed width and an overflow flag (jit-friendly)."""
     nb = self.corr.shape[0] // self.block
-    return _query(self, jnp.float32(b), int(capacity or self.num_neurons),
-                  int(min(max_blocks or nb, nb)))
+    for name, v in (("capacity", capacity), ("max_blocks", max_blocks)):
+      if v is not None and int(v) < 1:
+        raise ValueError(f"{name} (={v}) must be >= 1 (or None for all)")
+    capacity = self.num_neurons if capacity is None else int(capacity)
+    max_blocks = nb if max_blocks is None else min(int(max_blocks), nb)
+    return _query(self, jnp.float32(b), capacity, max_blocks)
 
   def firing_union(self, b, capacity: int) -> Union:
     """Neurons that fire on at least one point, padded to ``capacity``: O(m)."""
@@ -207,19 +213,28 @@ class FiringIndex:
     """The index after replacing (distinct) rows ``neuron_ids`` of W: O(nkd)."""
     neuron_ids = jnp.asarray(neuron_ids, jnp.int32)
     new_rows = jnp.asarray(new_rows, jnp.float32)
-    if neuron_ids.ndim != 1 or new_rows.shape != (neuron_ids.shape[0],
-                                                  self.W.shape[1]):
+    if neuron_ids.ndim != 1:
+      raise ValueError(f"neuron_ids must be a 1-D list of neuron ids; got "
+                       f"shape {tuple(neuron_ids.shape)}")
+    if new_rows.shape != (neuron_ids.shape[0], self.W.shape[1]):
       raise ValueError(f"new_rows has shape {tuple(new_rows.shape)}; expected "
                        f"({neuron_ids.shape[0]}, {self.W.shape[1]}) for "
                        f"neuron_ids of shape {tuple(neuron_ids.shape)}")
+    if not isinstance(neuron_ids, jax.core.Tracer) and neuron_ids.size:
+      lo, hi = int(neuron_ids.min()), int(neuron_ids.max())
+      if lo < 0 or hi >= self.num_neurons:
+        raise ValueError(f"neuron_ids must lie in [0, {self.num_neurons}); "
+                         f"got values from {lo} to {hi}")
     return self.update_masked(neuron_ids, new_rows,
                               jnp.ones(neuron_ids.shape, bool))
 
   def update_masked(self, neuron_ids, new_rows, valid) -> "FiringIndex":
-    """:meth:`update` of the slots where ``valid`` (padded id lists)."""
+    """:meth:`update` of the slots where ``valid`` (padded id lists); ids
+    outside ``[0, m)`` are never written (the padding rows stay -inf)."""
     m_pad = self.corr.shape[0]
     rows = correlations(new_rows, self.X)  # [k, n]
-    drop = jnp.where(valid, neuron_ids, m_pad)  # out of range: not written
+    ok = valid & (neuron_ids >= 0) & (neuron_ids < self.num_neurons)
+    drop = jnp.where(ok, neuron_ids, m_pad)  # out of range: not written
     W = self.W.at[drop].set(new_rows, mode="drop")
     corr = self.corr.at[drop].set(rows, mode="drop")
     neuron_max = self.neuron_max.at[drop].set(rows.max(1), mode="drop")
@@ -374,21 +389,19 @@ def forward_pallas(corr, ids, a, b, *, blocks=SparseBlockSizes(),
   """
   interpret = _backend.default_interpret() if interpret is None else interpret
   m_pad, n = corr.shape
-  bn = min(blocks.block_n, n)
-  n_pad = -(-n // bn) * bn
-  if n_pad != n:  # the tiles must cover the points; padded points are dropped
-    corr = jnp.pad(corr, ((0, 0), (0, n_pad - n)), constant_values=-jnp.inf)
+  # tiles of block_n points when they divide n, else one tile (no copy of
+  # the index to pad it)
+  bn = blocks.block_n if n % blocks.block_n == 0 else n
   w = _gather_weights(a, ids)
   full = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
-  out = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_forward_kernel, num_ids=ids.shape[0], block_n=bn),
-      out_shape=jax.ShapeDtypeStruct((n_pad,), jnp.float32),
-      grid=(n_pad // bn,),
+      out_shape=jax.ShapeDtypeStruct((n,), jnp.float32),
+      grid=(n // bn,),
       in_specs=[full(ids.shape), full(w.shape), full((1,)), full(corr.shape)],
-      out_specs=full((n_pad,)),
+      out_specs=full((n,)),
       interpret=interpret,
   )(ids, w, jnp.reshape(jnp.float32(b), (1,)), corr)
-  return out[:n]
 
 
 def transpose_apply_pallas(corr, X, ids, a, b, v, *, blocks=SparseBlockSizes(),
@@ -417,10 +430,17 @@ def transpose_apply_pallas(corr, X, ids, a, b, v, *, blocks=SparseBlockSizes(),
   return g[:k]
 
 
+def _resolve(backend: str) -> str:
+  # "auto" is the jnp reference on every platform: these kernels have only
+  # been run interpreted (no GPU lowering checked yet); ask for "pallas".
+  _backend.resolve(backend, BACKENDS)
+  return "reference" if backend == "auto" else backend
+
+
 def forward(index: FiringIndex, ids, a, b, *, backend: str = "auto"):
   """Outputs ``f(x_i) = sum_{r in ids} a_r relu(<w_r, x_i> - b)`` from the
   stored correlations (no recomputation): O(nK)."""
-  if _backend.resolve(backend, BACKENDS) == "pallas":
+  if _resolve(backend) == "pallas":
     return forward_pallas(index.corr, ids, a, b)
   return forward_reference(index.corr, ids, a, b)
 
@@ -429,6 +449,6 @@ def transpose_apply(index: FiringIndex, ids, a, b, v, *,
                     backend: str = "auto"):
   """``J^T v`` restricted to the neurons ``ids``: row j is
   ``a_r sum_i v_i [r fires on i] x_i`` for ``r = ids[j]``: O(nKd)."""
-  if _backend.resolve(backend, BACKENDS) == "pallas":
+  if _resolve(backend) == "pallas":
     return transpose_apply_pallas(index.corr, index.X, ids, a, b, v)
   return transpose_apply_reference(index.corr, index.X, ids, a, b, v)

@@ -127,7 +127,8 @@ class SparseSGD:
     learning_rate: step size.
     capacity: union slots (default: :func:`choose_capacity` of the first
       union). Grown the same way after a step that overflowed.
-    backend: operator backend (``auto``: Pallas on GPU, jnp elsewhere).
+    backend: operator backend (``auto``: the jnp reference; ``pallas``: the
+      Pallas kernels, interpreted off GPU).
   """
 
   model: SparseMLP
@@ -152,6 +153,10 @@ class SparseSGD:
   def step(self, index, variables, y):
     """One step; returns ``(index, loss, StepInfo)`` (the old index is
     donated: do not use it afterwards). Blocks on the result."""
+    if self.capacity is None:
+      raise ValueError("SparseSGD.step before init: call "
+                       "index = opt.init(variables, X) first (it picks the "
+                       "union capacity), or pass capacity=")
     if y.shape != (index.num_points,):
       raise ValueError(f"y has shape {tuple(y.shape)}; expected "
                        f"({index.num_points},), one target per indexed point")
@@ -174,6 +179,7 @@ class SparseSGD:
 
   @staticmethod
   def variables(variables, index):
-    """``variables`` with the kernel trained in ``index``."""
-    params = dict(variables["params"], kernel=index.W)
+    """``variables`` with (a copy of) the kernel trained in ``index``; a
+    copy, since the next step donates the index's buffers."""
+    params = dict(variables["params"], kernel=jnp.array(index.W, copy=True))
     return dict(variables, params=params)

@@ -72,6 +72,15 @@ class Loss(enum.Enum):
   CROSS_ENTROPY = "cross_entropy"
 
 
+class SingularGramError(ValueError):
+  """The Gram system is singular and damping <= 0. The parameters were not
+  changed; from ``step_sparse``, ``.index`` and ``.state`` hold the (donated
+  and returned) unchanged index and the state."""
+
+  index = None
+  state = None
+
+
 class GGNState(NamedTuple):
   """Step count and the key of the random sketches."""
 
@@ -286,7 +295,7 @@ class GramGaussNewton:
       warnings.warn(
           f"{n_out} outputs but only {num_params} parameters: the Gram matrix "
           f"({n_out} x {n_out}) has rank <= {num_params} and is not invertible "
-          f"without damping; using damping={fallback}", stacklevel=4)
+          f"without damping; using damping={fallback}", stacklevel=3)
       return fallback
     if self.loss is Loss.CROSS_ENTROPY and damping <= 0:
       raise ValueError(
@@ -388,9 +397,16 @@ class GramGaussNewton:
       raise TypeError("this optimizer was made for the sparse path; call "
                       "step_sparse, or pass apply_fn")
     targets = self._targets(targets)
+    out = jax.eval_shape(self.apply_fn, params, inputs)
+    if out.shape != targets.shape:
+      raise ValueError(f"targets have shape {tuple(targets.shape)} but the "
+                       f"model's outputs have shape {tuple(out.shape)}; they "
+                       "must match (one-hot [n, k] for cross entropy)")
+    if self.loss is Loss.CROSS_ENTROPY and out.ndim != 2:
+      raise ValueError(f"cross entropy needs logits [n, k]; the model "
+                       f"returns shape {tuple(out.shape)}")
     if _traced(params, inputs, targets):
       return self._step_pure(params, state, inputs, targets)
-    out = jax.eval_shape(self.apply_fn, params, inputs)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     damping = self._damping_for(out.size, num_params)
     params, state, info = _step_jit(self, params, state, inputs, targets,
@@ -419,13 +435,13 @@ class GramGaussNewton:
     When more than ``capacity`` neurons fire, all neurons are used (same
     result, dense cost) with a warning.
     """
-    sn.check_threshold(threshold)
-    targets = self._targets(targets)
-    if targets.shape[0] != index.num_points or targets.ndim != 1:
-      raise ValueError(f"targets have shape {tuple(targets.shape)}; expected "
-                       f"({index.num_points},) for the indexed points")
     if self.loss is not Loss.MSE:
       raise ValueError("step_sparse supports the mean-squared error only")
+    sn.check_threshold(threshold)
+    targets = self._targets(targets)
+    if targets.shape != (index.num_points,):
+      raise ValueError(f"targets have shape {tuple(targets.shape)}; expected "
+                       f"({index.num_points},) for the indexed points")
     if capacity is None:
       capacity = sn.choose_capacity(
           int(jnp.sum(index.neuron_max > threshold)), index.num_neurons)
@@ -437,12 +453,25 @@ class GramGaussNewton:
       capacity = index.num_neurons
       union = _union_jit(index, threshold, capacity)
     count = int(union.count)
-    damping = self._damping_for(index.num_points,
-                                max(count, 1) * index.X.shape[1])
+    if count == 0:  # J = 0: nothing to step
+      warnings.warn(f"no neuron fires on any point at threshold {threshold}: "
+                    "the outputs and the Jacobian are zero, the step is "
+                    "skipped; lower the threshold", stacklevel=2)
+      loss = 0.5 * jnp.mean(jnp.square(targets))
+      info = dict(loss=loss, residual_norm=jnp.linalg.norm(targets),
+                  solve_residual=jnp.float32(0), cg_iters=jnp.int32(0),
+                  singular=jnp.bool_(False), solve_time_s=jnp.float32(0),
+                  union=0)
+      return index, state, info
+    damping = self._damping_for(index.num_points, count * index.X.shape[1])
     index, state, info = _sparse_step_jit(self, index, union, state, a,
                                           targets, threshold, damping)
     info = dict(info, union=count)
-    self._check_singular(info, damping)
+    try:
+      self._check_singular(info, damping)
+    except SingularGramError as e:  # the index was donated: hand it back
+      e.index, e.state = index, state
+      raise
     return index, state, info
 
   def _targets(self, targets):
@@ -457,7 +486,7 @@ class GramGaussNewton:
   @staticmethod
   def _check_singular(info, damping):
     if bool(info["singular"]):
-      raise ValueError(
+      raise SingularGramError(
           f"the Gram system is singular (damping={damping}): duplicate or "
           "linearly dependent points, or more outputs than parameters. The "
           "parameters were not changed; use damping > 0 (e.g. 1e-6)")
