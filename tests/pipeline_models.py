@@ -2,13 +2,13 @@
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
 import alpa_py
 from alpa_py.models import GPT, GPTConfig
-from alpa_py.models.gpt import lm_loss
+
+from models_for_tests import _lm, _mse
 
 
 class LayeredMLP(nn.Module):
@@ -31,14 +31,6 @@ def _step(loss_of):
                                                   batch)
     return state.apply_gradients(grads=grads), loss
   return step
-
-
-def _mse(params, apply_fn, batch):
-  return jnp.mean((apply_fn(params, batch["x"]) - batch["y"]) ** 2)
-
-
-def _lm(params, apply_fn, batch):
-  return lm_loss(apply_fn(params, batch["tokens"]), batch["tokens"])
 
 
 def _state(model, sample):

@@ -33,9 +33,8 @@ def _close(a, b):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
-def test_shard_parallel_across_two_hosts(two_hosts):
-  assert two_hosts.num_hosts == 2 and two_hosts.num_devices == 8
-  state, batch, step = mlp_setup(hidden=64, batch=32)
+def _three_steps_both_ways(state, batch, step):
+  """3 steps undecorated and 3 under ShardParallel on a (2, 4) mesh."""
   ref = state
   for _ in range(3):
     ref, ref_loss = jax.jit(step)(ref, batch)
@@ -43,6 +42,13 @@ def test_shard_parallel_across_two_hosts(two_hosts):
   out = state
   for _ in range(3):
     out, loss = par(out, batch)
+  return ref, ref_loss, out, loss
+
+
+def test_shard_parallel_across_two_hosts(two_hosts):
+  assert two_hosts.num_hosts == 2 and two_hosts.num_devices == 8
+  ref, ref_loss, out, loss = _three_steps_both_ways(
+      *mlp_setup(hidden=64, batch=32))
   assert type(loss).__name__ == "DistributedArray"  # stays on the workers
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
   _close(out.params, ref.params)
@@ -156,14 +162,7 @@ def test_more_hosts_than_the_cluster_has():
 def test_gpt_state_fed_back_in_its_output_layout(two_hosts):
   # regression: outputs whose layout differs from the inputs' (the new
   # state) must be resharded on the workers before the next step
-  state, batch, step = gpt_setup()
-  ref = state
-  for _ in range(3):
-    ref, ref_loss = jax.jit(step)(ref, batch)
-  par = alpa_py.parallelize(step, method=alpa_py.ShardParallel(mesh_shape=(2, 4)))
-  out = state
-  for _ in range(3):
-    out, loss = par(out, batch)
+  ref, ref_loss, out, loss = _three_steps_both_ways(*gpt_setup())
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
   _close(out.params, ref.params)
 

@@ -9,10 +9,11 @@ def default_interpret() -> bool:
   return jax.default_backend() != "gpu"
 
 
-def resolve(backend: str, backends) -> str:
-  """Validates ``backend`` against ``backends`` and resolves ``auto``."""
+def resolve(backend: str, backends, *, auto_on_gpu: str = "pallas") -> str:
+  """Validates ``backend`` against ``backends`` and resolves ``auto``:
+  ``auto_on_gpu`` on GPU, the reference elsewhere."""
   if backend not in backends:
     raise ValueError(f"backend (={backend!r}) must be one of {backends}")
   if backend == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return auto_on_gpu if jax.default_backend() == "gpu" else "reference"
   return backend

@@ -204,10 +204,8 @@ class FiringIndex:
 
   def firing_union(self, b, capacity: int) -> Union:
     """Neurons that fire on at least one point, padded to ``capacity``: O(m)."""
-    fires = self.neuron_max > b
-    count = fires.sum().astype(jnp.int32)
-    ids = compact(fires, capacity, fill=self.num_neurons)
-    return Union(ids, count, count > capacity)
+    return _firing_union(self.neuron_max, jnp.float32(b), int(capacity),
+                         self.num_neurons)
 
   def update(self, neuron_ids, new_rows) -> "FiringIndex":
     """The index after replacing (distinct) rows ``neuron_ids`` of W: O(nkd)."""
@@ -265,6 +263,14 @@ def compact(mask, capacity: int, *, fill):
   out = jnp.full((capacity,), fill, jnp.int32)
   return out.at[slot].set(jnp.arange(mask.shape[0], dtype=jnp.int32),
                           mode="drop")
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _firing_union(neuron_max, b, capacity: int, num_neurons: int) -> Union:
+  fires = neuron_max > b
+  count = fires.sum().astype(jnp.int32)
+  ids = compact(fires, capacity, fill=num_neurons)
+  return Union(ids, count, count > capacity)
 
 
 def _block_max(corr, block):
@@ -433,8 +439,7 @@ def transpose_apply_pallas(corr, X, ids, a, b, v, *, blocks=SparseBlockSizes(),
 def _resolve(backend: str) -> str:
   # "auto" is the jnp reference on every platform: these kernels have only
   # been run interpreted (no GPU lowering checked yet); ask for "pallas".
-  _backend.resolve(backend, BACKENDS)
-  return "reference" if backend == "auto" else backend
+  return _backend.resolve(backend, BACKENDS, auto_on_gpu="reference")
 
 
 def forward(index: FiringIndex, ids, a, b, *, backend: str = "auto"):

@@ -93,9 +93,6 @@ def _step_on(index: sn.FiringIndex, ids, valid, a, y, b, lr, backend):
   return index.update_masked(ids, rows - lr * grad, valid), loss, pairs
 
 
-_union = jax.jit(sn.FiringIndex.firing_union, static_argnums=(2,))
-
-
 def sparse_sgd_step(index: sn.FiringIndex, a, y, b, lr, *, capacity: int,
                     backend: str = "auto"):
   """One gradient step through the index (donated); see the module doc.
@@ -106,7 +103,7 @@ def sparse_sgd_step(index: sn.FiringIndex, a, y, b, lr, *, capacity: int,
 
   Returns ``(index, loss, StepInfo)``; ``loss`` is the loss before the step.
   """
-  union = _union(index, b, capacity)
+  union = index.firing_union(b, capacity)
   dense = bool(union.overflow)
   if dense:
     ids = jnp.arange(index.num_neurons, dtype=jnp.int32)

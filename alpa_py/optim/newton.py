@@ -92,6 +92,7 @@ class _Operator(NamedTuple):
   """The linearization of the model at the current parameters."""
 
   outputs: jax.Array  # [N]
+  output_shape: tuple  # the model's output shape (N values)
   jt: Callable  # alpha [N] -> J^T alpha (parameter-shaped)
   matvec: Callable  # v [N] -> J J^T v
   gram: Callable  # () -> K [N, N]
@@ -166,7 +167,8 @@ def _dense_operator(apply_fn, params, inputs, jacobian_bytes,
         for k, x in zip(keys, leaves)])
     return jax.vmap(jvp)(tangents).T
 
-  return _Operator(out.reshape(-1), jt, matvec, gram, sketch, num_params)
+  return _Operator(out.reshape(-1), shape, jt, matvec, gram, sketch,
+                   num_params)
 
 
 def sparse_operator(index: sn.FiringIndex, union: sn.Union, a, b) -> _Operator:
@@ -194,7 +196,8 @@ def sparse_operator(index: sn.FiringIndex, union: sn.Union, a, b) -> _Operator:
     t = jax.random.normal(key, (s,) + (ids.shape[0], X.shape[1])) / math.sqrt(s)
     return jax.vmap(jvp)(t).T
 
-  return _Operator(outputs, jt, lambda v: jvp(jt(v)), gram, sketch,
+  return _Operator(outputs, outputs.shape, jt, lambda v: jvp(jt(v)), gram,
+                   sketch,
                    ids.shape[0] * X.shape[1])
 
 
@@ -310,7 +313,7 @@ class GramGaussNewton:
     out = op.outputs
     if self.loss is Loss.MSE:
       r = out - targets.reshape(-1).astype(out.dtype)
-      loss = 0.5 * jnp.sum(jnp.square(r)) / _points(targets)
+      loss = 0.5 * jnp.sum(jnp.square(r)) / targets.shape[0]
       matvec = lambda v: op.matvec(v) + damping * v
       return matvec, r, lambda z: z, loss, jnp.linalg.norm(r), None
     k = targets.shape[-1]
@@ -374,7 +377,8 @@ class GramGaussNewton:
     if damping <= 0:  # an inconsistent singular system: CG cannot converge
       singular = singular | ~(solve_res <= max(100 * self.cg_tol, 1e-3))
     alpha = jnp.where(singular, 0.0, finish(z))  # no NaNs into the weights
-    info = dict(loss=loss, residual_norm=res_norm, solve_residual=solve_res,
+    info = dict(loss=loss, damping=jnp.float32(damping),
+                residual_norm=res_norm, solve_residual=solve_res,
                 cg_iters=iters, singular=singular, solve_time_s=solve_time)
     return alpha, GGNState(state.count + 1, key), info
 
@@ -382,7 +386,8 @@ class GramGaussNewton:
     """One step: ``(params, state, info)``.
 
     ``info``: ``loss`` and ``residual_norm`` before the step (for cross
-    entropy the norm of the logit gradient), ``solve_residual`` (relative
+    entropy the norm of the logit gradient), ``damping`` (the one used),
+    ``solve_residual`` (relative
     residual of the linear solve), ``cg_iters``, ``singular`` and
     ``solve_time_s``: the linear solve's wall time (after the Gram matrix
     is formed; for the CG solvers it includes their J products and the
@@ -397,29 +402,25 @@ class GramGaussNewton:
       raise TypeError("this optimizer was made for the sparse path; call "
                       "step_sparse, or pass apply_fn")
     targets = self._targets(targets)
-    out = jax.eval_shape(self.apply_fn, params, inputs)
-    if out.shape != targets.shape:
-      raise ValueError(f"targets have shape {tuple(targets.shape)} but the "
-                       f"model's outputs have shape {tuple(out.shape)}; they "
-                       "must match (one-hot [n, k] for cross entropy)")
-    if self.loss is Loss.CROSS_ENTROPY and out.ndim != 2:
-      raise ValueError(f"cross entropy needs logits [n, k]; the model "
-                       f"returns shape {tuple(out.shape)}")
     if _traced(params, inputs, targets):
       return self._step_pure(params, state, inputs, targets)
-    num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-    damping = self._damping_for(out.size, num_params)
-    params, state, info = _step_jit(self, params, state, inputs, targets,
-                                    damping)
-    self._check_singular(info, damping)
+    params, state, info = _step_jit(self, params, state, inputs, targets)
+    self._check_singular(info)
     return params, state, info
 
-  def _step_pure(self, params, state, inputs, targets, damping=None,
-                 timed=False):
+  def _step_pure(self, params, state, inputs, targets, timed=False):
+    # shape checks and the damping choice happen while tracing: once per
+    # compilation, not on every step
     op = _dense_operator(self.apply_fn, params, inputs, self.jacobian_bytes,
                          self.per_example)
-    if damping is None:
-      damping = self._damping_for(op.outputs.shape[0], op.num_params)
+    if op.output_shape != targets.shape:
+      raise ValueError(f"targets have shape {tuple(targets.shape)} but the "
+                       f"model's outputs have shape {op.output_shape}; they "
+                       "must match (one-hot [n, k] for cross entropy)")
+    if self.loss is Loss.CROSS_ENTROPY and len(op.output_shape) != 2:
+      raise ValueError(f"cross entropy needs logits [n, k]; the model "
+                       f"returns shape {op.output_shape}")
+    damping = self._damping_for(op.outputs.shape[0], op.num_params)
     alpha, state, info = self._step_traced(op, targets, state, damping, timed)
     delta = op.jt(alpha)
     params = jax.tree_util.tree_map(
@@ -445,20 +446,21 @@ class GramGaussNewton:
     if capacity is None:
       capacity = sn.choose_capacity(
           int(jnp.sum(index.neuron_max > threshold)), index.num_neurons)
-    union = _union_jit(index, threshold, capacity)
+    union = index.firing_union(threshold, capacity)
     if bool(union.overflow):
       warnings.warn(f"{int(union.count)} neurons fire, more than capacity "
                     f"(={capacity}); using all {index.num_neurons}",
                     stacklevel=2)
       capacity = index.num_neurons
-      union = _union_jit(index, threshold, capacity)
+      union = index.firing_union(threshold, capacity)
     count = int(union.count)
     if count == 0:  # J = 0: nothing to step
       warnings.warn(f"no neuron fires on any point at threshold {threshold}: "
                     "the outputs and the Jacobian are zero, the step is "
                     "skipped; lower the threshold", stacklevel=2)
       loss = 0.5 * jnp.mean(jnp.square(targets))
-      info = dict(loss=loss, residual_norm=jnp.linalg.norm(targets),
+      info = dict(loss=loss, damping=jnp.float32(self.damping),
+                  residual_norm=jnp.linalg.norm(targets),
                   solve_residual=jnp.float32(0), cg_iters=jnp.int32(0),
                   singular=jnp.bool_(False), solve_time_s=jnp.float32(0),
                   union=0)
@@ -468,7 +470,7 @@ class GramGaussNewton:
                                           targets, threshold, damping)
     info = dict(info, union=count)
     try:
-      self._check_singular(info, damping)
+      self._check_singular(info)
     except SingularGramError as e:  # the index was donated: hand it back
       e.index, e.state = index, state
       raise
@@ -484,16 +486,13 @@ class GramGaussNewton:
     return targets.astype(jnp.float32)
 
   @staticmethod
-  def _check_singular(info, damping):
+  def _check_singular(info):
     if bool(info["singular"]):
       raise SingularGramError(
-          f"the Gram system is singular (damping={damping}): duplicate or "
-          "linearly dependent points, or more outputs than parameters. The "
+          f"the Gram system is singular (damping={float(info['damping'])}): "
+          "duplicate or linearly dependent points, or more outputs than "
+          "parameters. The "
           "parameters were not changed; use damping > 0 (e.g. 1e-6)")
-
-
-def _points(targets):
-  return targets.shape[0]
 
 
 def _traced(*trees) -> bool:
@@ -516,12 +515,9 @@ def _clock(after):
                      after, ordered=True)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _step_jit(opt, params, state, inputs, targets, damping):
-  return opt._step_pure(params, state, inputs, targets, damping, timed=True)
-
-
-_union_jit = jax.jit(sn.FiringIndex.firing_union, static_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0,))
+def _step_jit(opt, params, state, inputs, targets):
+  return opt._step_pure(params, state, inputs, targets, timed=True)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(1,))
