@@ -9,8 +9,10 @@ from alpa_py.compiler.markers import grad as grad
 from alpa_py.compiler.markers import mark_pipeline_boundary as mark_pipeline_boundary
 from alpa_py.compiler.markers import value_and_grad as value_and_grad
 from alpa_py.compiler.strategies.registry import UnsupportedPrimitiveWarning as UnsupportedPrimitiveWarning
-from alpa_py.executable import Executable as Executable
-from alpa_py.executable import ShardingPlan as ShardingPlan
+from alpa_py.driver.executable import Executable as Executable
+from alpa_py.driver.executable import PipeshardExecutable as PipeshardExecutable
+from alpa_py.driver.plans import PipeshardPlan as PipeshardPlan
+from alpa_py.driver.plans import ShardingPlan as ShardingPlan
 from alpa_py.methods import AutoShardingOption as AutoShardingOption
 from alpa_py.compiler.stages import AutoStageOption as AutoStageOption
 from alpa_py.compiler.stages import ManualStageOption as ManualStageOption
@@ -21,8 +23,6 @@ from alpa_py.methods import ShardParallel as ShardParallel
 from alpa_py.methods import Zero2Parallel as Zero2Parallel
 from alpa_py.methods import Zero3Parallel as Zero3Parallel
 from alpa_py import optim as optim
-from alpa_py.pipeshard_plan import PipeshardPlan as PipeshardPlan
-from alpa_py.runtime.pipeshard import PipeshardExecutable as PipeshardExecutable
 from alpa_py.runtime.cluster import init as init
 from alpa_py.runtime.cluster import shutdown as shutdown
 

@@ -14,53 +14,12 @@ import enum
 import math
 from typing import Any, Sequence
 
-from alpa_py.compiler.cluster_env import PROFILE_NAMES
-
-
-@dataclasses.dataclass(frozen=True)
-class AutoShardingOption:
-  """Options of the intra-operator pass (part of the executable cache key).
-
-  Attributes:
-    memory_budget_per_device: bytes one device may hold at the step's peak
-      (None: no limit).
-    force_data_parallel: fix inputs to data-parallel layouts (batch split on
-      dim 0, everything else replicated).
-    allow_all_gather: allow resharding by all-gather (else heavily priced).
-    allow_all_to_all: allow resharding by all-to-all (else heavily priced).
-    prefer_reduce_scatter: offer only reduce-scatter where a partial sum can
-      be either all-reduced or reduce-scattered.
-    allow_mixed_mesh_shape: also split a dim over both mesh axes in the
-      order (1, 0).
-    solver_time_limit_s: wall-clock limit of one ILP solve.
-    cost_profile: ``"cpu"`` (measured here) or a GPU-cluster preset name.
-  """
-
-  memory_budget_per_device: float | None = None
-  force_data_parallel: bool = False
-  allow_all_gather: bool = True
-  allow_all_to_all: bool = True
-  prefer_reduce_scatter: bool = False
-  allow_mixed_mesh_shape: bool = False
-  solver_time_limit_s: float = 60
-  cost_profile: str = "cpu"
-
-  def __post_init__(self):
-    b = self.memory_budget_per_device
-    if b is not None and not (isinstance(b, (int, float)) and b > 0):
-      raise ValueError(f"memory_budget_per_device (={b!r}) must be a positive "
-                       "number of bytes or None")
-    for name in ("force_data_parallel", "allow_all_gather", "allow_all_to_all",
-                 "prefer_reduce_scatter", "allow_mixed_mesh_shape"):
-      if not isinstance(getattr(self, name), bool):
-        raise TypeError(f"AutoShardingOption.{name} (={getattr(self, name)!r}) "
-                        "must be a bool")
-    t = self.solver_time_limit_s
-    if not (isinstance(t, (int, float)) and t > 0):
-      raise ValueError(f"solver_time_limit_s (={t!r}) must be positive")
-    if self.cost_profile not in PROFILE_NAMES:
-      raise ValueError(f"cost_profile (={self.cost_profile!r}) must be one of "
-                       f"{PROFILE_NAMES}")
+from alpa_py.compiler.cluster_env import mesh_factorizations
+from alpa_py.compiler.layers import AutoLayerOption, ManualLayerOption
+from alpa_py.compiler.schedules import Schedule
+from alpa_py.compiler.stages import (AutoStageOption, ManualStageOption,
+                                     UniformStageOption)
+from alpa_py.compiler.options import AutoShardingOption as AutoShardingOption
 
 
 class InputLayout(enum.Enum):
@@ -137,8 +96,7 @@ class ShardParallel:
       return [self.mesh_shape]
     if self.layout is not InputLayout.AUTO:
       return [(num_devices,)]
-    return [(a, num_devices // a) for a in range(1, num_devices + 1)
-            if num_devices % a == 0]
+    return mesh_factorizations(num_devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,16 +147,13 @@ class PipeshardParallel:
 
   devices: Sequence[Any] | None = None
   num_micro_batches: int = 1
-  layer_option: Any = None
-  stage_option: Any = None
-  pipeline_schedule: Any = "1f1b"
+  layer_option: ManualLayerOption | AutoLayerOption | None = None
+  stage_option: (UniformStageOption | AutoStageOption | ManualStageOption
+                 | None) = None
+  pipeline_schedule: Schedule | str = Schedule.ONE_F_ONE_B
   default_auto_sharding_option: AutoShardingOption | None = None
 
   def __post_init__(self):
-    from alpa_py.compiler.layers import AutoLayerOption, ManualLayerOption
-    from alpa_py.compiler.schedules import Schedule
-    from alpa_py.compiler.stages import (AutoStageOption, ManualStageOption,
-                                         UniformStageOption)
     object.__setattr__(self, "devices", _freeze_devices(self.devices))
     n = self.num_micro_batches
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:

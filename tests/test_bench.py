@@ -7,7 +7,8 @@ import os
 import pytest
 
 from alpa_py import cli
-from alpa_py.bench import configs, hlo_stats, simulate
+from alpa_py.bench import configs, simulate
+from alpa_py.compiler import hlo_stats
 
 
 def test_quick_bench_writes_every_figure(tmp_path, capsys):

@@ -241,7 +241,7 @@ def test_bad_input():
 def test_softmax_whitening_under_jit(cols):
   # A = blockdiag(diag(sqrt p) - sqrt p p^T), A^T A = the softmax Hessian;
   # checked under jit, where a vmap formulation was miscompiled on CPU
-  from alpa_py.optim.newton import _softmax_whitening
+  from alpa_py.optim.ggn_operator import softmax_whitening
   logits = jax.random.normal(jax.random.PRNGKey(0), (64, 10))
   prob = jax.nn.softmax(logits, -1)
   q = jnp.sqrt(prob)
@@ -250,6 +250,6 @@ def test_softmax_whitening_under_jit(cols):
   H = jax.scipy.linalg.block_diag(*[jnp.diag(p) - jnp.outer(p, p) for p in prob])
   np.testing.assert_allclose(A.T @ A, H, atol=1e-6)
   Y = jax.random.normal(jax.random.PRNGKey(1), (640, cols)).squeeze()
-  w = _softmax_whitening(logits)
+  w = softmax_whitening(logits)
   np.testing.assert_allclose(jax.jit(w.apply)(Y), A @ Y, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(jax.jit(w.apply_t)(Y), A.T @ Y, rtol=1e-5, atol=1e-5)

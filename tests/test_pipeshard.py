@@ -105,7 +105,7 @@ def test_schedule_is_exposed():
 
 
 def test_instruction_list_is_explicit():
-  from alpa_py.runtime.pipeshard import Instr
+  from alpa_py.compiler.pipeline_program import Instr
   state, batch, step = mlp_pipeline()
   par = alpa_py.parallelize(step, method=alpa_py.PipeshardParallel(
       num_micro_batches=4, stage_option=U(num_stages=2)))

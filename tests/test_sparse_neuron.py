@@ -82,7 +82,9 @@ def test_capacity_overflow_warns_and_falls_back_to_dense():
 
 
 def test_nonpositive_threshold_warns_once(monkeypatch):
-  monkeypatch.setattr(sn, "_warned_threshold", False)
+  # the warn-once flag lives with check_threshold, in firing_index
+  monkeypatch.setattr("alpa_py.kernels.firing_index._warned_threshold",
+                      False)
   index = FiringIndex.build(np.ones((4, 3)), np.ones((2, 3)))
   with pytest.warns(UserWarning, match=r"b \(=0.0\) <= 0"):
     index.query(0.0)

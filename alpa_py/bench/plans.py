@@ -17,13 +17,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import alpa_py
-from alpa_py.compiler.auto_sharding import PassConfig, run_auto_sharding
-from alpa_py.compiler.cluster_env import LogicalMesh, get_profile
-from alpa_py.compiler.graph import build_graph
-from alpa_py.compiler.lowering import make_mesh
-from alpa_py.compiler.strategies.spec import FORBIDDEN_PENALTY
-from alpa_py.shard_parallel import input_specs, trace
-from alpa_py.bench.hlo_stats import collective_bytes
+from alpa_py.compiler.hlo_stats import collective_bytes
+from alpa_py.compiler.program import AXIS_NAMES, make_mesh, peak_bytes
+from alpa_py.driver.analysis import StepAnalysis
 
 METHODS = {"data": alpa_py.DataParallel, "zero2": alpa_py.Zero2Parallel,
            "zero3": alpa_py.Zero3Parallel, "auto": alpa_py.ShardParallel}
@@ -142,10 +138,7 @@ def measure_manual(step, state, batch, plan: ManualPlan, devices, steps: int):
   state = jax.device_put(state, st)
   batch = jax.device_put(batch, bt)
   t, _ = _time_steps(compiled, state, batch, steps)
-  m = compiled.memory_analysis()
-  mem = int(m.argument_size_in_bytes + m.output_size_in_bytes +
-            m.temp_size_in_bytes - m.alias_size_in_bytes)
-  return Measured(t, mem, collective_bytes(compiled.as_text()), compile_s, {})
+  return Measured(t, peak_bytes(compiled), collective_bytes(compiled.as_text()), compile_s, {})
 
 
 def measure_single(step, state, batch, steps: int) -> Measured:
@@ -155,64 +148,38 @@ def measure_single(step, state, batch, steps: int) -> Measured:
   compiled = jax.jit(step).lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
   t, _ = _time_steps(compiled, state, batch, steps)
-  m = compiled.memory_analysis()
-  mem = int(m.argument_size_in_bytes + m.output_size_in_bytes +
-            m.temp_size_in_bytes - m.alias_size_in_bytes)
-  return Measured(t, mem, collective_bytes(compiled.as_text()), compile_s, {})
+  return Measured(t, peak_bytes(compiled), collective_bytes(compiled.as_text()), compile_s, {})
 
 
 class Predictor:
   """The cost model's step time for any plan of one traced step."""
 
   def __init__(self, step, state, batch, n_devices: int):
-    par = alpa_py.parallelize(step)
-    self.sig = par._signature((state, batch))
-    sds = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self.sig.leaves]
-    closed, _, self.alias_pairs = trace(step, self.sig, sds)
-    self.graph = build_graph(closed)
+    self.analysis = StepAnalysis(step, (state, batch), num_devices=n_devices)
     self.n = n_devices
-    self.matmul_flops = sum(op.flops for op in self.graph.ops
-                            if op.name in ("dot_general", "conv_general_dilated"))
-
-  def _aliases(self):
-    g = self.graph
-    return [(g.outvars[o], g.invars[i]) for o, i in self.alias_pairs
-            if isinstance(g.outvars[o], int)]
-
-  def _solve(self, shape, profile, specs, penalty, budget=None):
-    cfg = PassConfig(memory_budget=budget, time_limit_s=60.0)
-    return run_auto_sharding(self.graph, LogicalMesh(shape, get_profile(profile)),
-                             cfg, input_specs=specs, aliases=self._aliases(),
-                             alias_penalty=penalty)
+    self.matmul_flops = self.analysis.matmul_flops()
 
   def method(self, name: str, profile: str):
     if name == "jit":
-      return self._solve((1,), profile, {}, 0.0)
-    layout = METHODS[name]().layout
-    if name == "auto":
-      n = self.n
-      sols = [self._solve((a, n // a), profile, {}, 0.0)
-              for a in range(1, n + 1) if n % a == 0]
-      return min(sols, key=lambda s: s.objective)
-    shape = (self.n,)
-    return self._solve(shape, profile, input_specs(layout, self.sig, shape),
-                       FORBIDDEN_PENALTY)
+      return self.analysis.solve((1,), profile)
+    return self.analysis.solve_method(METHODS[name](), profile)
 
   def manual(self, plan: ManualPlan, profile: str):
-    names = ("x", "y")[:len(plan.mesh_shape)]
+    names = AXIS_NAMES[:len(plan.mesh_shape)]
     mesh_like = dict(zip(names, plan.mesh_shape))
+    sig = self.analysis.sig
     specs = {}
-    for i, (leaf, owner, path) in enumerate(zip(self.sig.leaves, self.sig.owners,
-                                                self.sig.paths)):
-      if owner in self.sig.batch:
+    for i, (aval, owner, path) in enumerate(zip(sig.avals, sig.owners,
+                                                sig.paths)):
+      if owner in sig.batch:
         pspec = P(plan.batch_axes[0] if len(plan.batch_axes) == 1
                   else plan.batch_axes)
       else:
-        pspec = plan.param_spec(path[len("arg0"):], leaf.shape)
-      pspec = _fits(pspec, leaf.shape, type("M", (), {"shape": mesh_like})())
-      entries = tuple(pspec) + (None,) * (len(leaf.shape) - len(tuple(pspec)))
+        pspec = plan.param_spec(path[len("arg0"):], aval.shape)
+      pspec = _fits(pspec, aval.shape, type("M", (), {"shape": mesh_like})())
+      entries = tuple(pspec) + (None,) * (len(aval.shape) - len(tuple(pspec)))
       spec = tuple(() if e is None else tuple(names.index(a) for a in
                                              (e if isinstance(e, tuple) else (e,)))
                    for e in entries)
       specs[i] = [spec]
-    return self._solve(plan.mesh_shape, profile, specs, FORBIDDEN_PENALTY)
+    return self.analysis.solve(plan.mesh_shape, profile, input_specs=specs)

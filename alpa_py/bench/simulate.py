@@ -24,10 +24,9 @@ import time
 import jax
 
 from alpa_py.bench import configs
-from alpa_py.compiler.auto_sharding import (InfeasiblePlanError, PassConfig,
-                                            run_auto_sharding)
-from alpa_py.compiler.cluster_env import LogicalMesh, get_profile
-from alpa_py.compiler.graph import build_graph
+from alpa_py.compiler.auto_sharding import InfeasiblePlanError
+from alpa_py.compiler.cluster_env import get_profile
+from alpa_py.driver.analysis import StepAnalysis
 
 GPU_COUNTS = (1, 8, 16, 32, 64)
 WEAK_SCALING = {
@@ -65,27 +64,18 @@ def simulate_one(suite: str, gpus: int, profile: str, *, name: str | None = None
   state = configs.make_state(cfg, abstract=True)
   data = configs.make_batch(cfg, abstract=True, batch=micro)
   step = configs.make_step(cfg)
-  closed = jax.make_jaxpr(step)(state, data)
-  graph = build_graph(closed)
+  analysis = StepAnalysis(step, (state, data), num_devices=gpus)
   t_trace = time.perf_counter() - t0
-  flops = sum(op.flops for op in graph.ops
-              if op.name in ("dot_general", "conv_general_dilated"))
+  flops = analysis.matmul_flops()
   shape = mesh_for(gpus, prof.devices_per_node)
-  out_n = len(jax.tree_util.tree_leaves(state))
-  aliases = [(graph.outvars[k], graph.invars[k]) for k in range(out_n)
-             if isinstance(graph.outvars[k], int)]
   fits = True
   try:
-    sol = run_auto_sharding(graph, LogicalMesh(shape, prof),
-                            PassConfig(memory_budget=prof.memory_per_device,
-                                       time_limit_s=time_limit_s),
-                            aliases=aliases)
+    sol = analysis.solve(shape, profile, memory_budget=prof.memory_per_device,
+                         time_limit_s=time_limit_s)
   except InfeasiblePlanError:
     # report the unconstrained plan, marked as not fitting
     fits = False
-    sol = run_auto_sharding(graph, LogicalMesh(shape, prof),
-                            PassConfig(time_limit_s=time_limit_s),
-                            aliases=aliases)
+    sol = analysis.solve(shape, profile, time_limit_s=time_limit_s)
   step_seconds = sol.objective * n_micro
   flops *= n_micro
   tflops = flops / step_seconds / gpus / 1e12

@@ -1,8 +1,8 @@
 """The intra-operator pass: OpGraph -> ILP -> a sharding for every tensor.
 
 1. Every step input and every op gets its strategies (``strategies``).
-2. Simplification: an op that can only follow one operand's layout
-   (elementwise, reshape, transpose, ...) is merged into that operand's node:
+2. Simplification: an op whose rule declares it a follower (``Follow``:
+   elementwise, reshape, transpose, ...) is merged into that operand's node:
    for each strategy of the node it takes its cheapest strategy given the
    operand's spec. The node count drops to roughly dots + reductions +
    broadcasts + inputs.
@@ -23,39 +23,18 @@ from alpa_py import _progress
 from alpa_py.compiler import ilp
 from alpa_py.compiler.cluster_env import LogicalMesh
 from alpa_py.compiler.graph import Literal, OpGraph
+from alpa_py.compiler.options import AutoShardingOption
 from alpa_py.compiler.strategies.loop_nest import Strategy
-from alpa_py.compiler.strategies.registry import (strategies_for,
+from alpa_py.compiler.strategies.registry import (follow_kind,
+                                                  follows_min_shards,
+                                                  strategies_for,
                                                   tensor_strategies)
-from alpa_py.compiler.strategies.rules import ELEMENTWISE
+from alpa_py.compiler.strategies.rule_table import Follow
 from alpa_py.compiler.strategies.spec import (Spec,
                                               num_shards, replicated,
                                               resharding_cost)
 
-FOLLOWERS = frozenset(ELEMENTWISE) | {
-    "transpose", "reshape", "squeeze", "expand_dims", "cumsum", "cumprod",
-    "cummax", "cummin", "cumlogsumexp", "slice", "rev", "pad", "dynamic_slice"}
-
-# Reductions and broadcasts follow their operand too: the reduced / broadcast
-# dims are then decided by the operand's layout (and, for sums over a split
-# dim, all-reduce or reduce-scatter, whichever is cheaper).
-SHAPE_CHANGING_FOLLOWERS = frozenset({
-    "broadcast_in_dim", "reduce_sum", "reduce_max", "reduce_min",
-    "reduce_prod", "argmax", "argmin"})
-FOLLOWERS = FOLLOWERS | SHAPE_CHANGING_FOLLOWERS
-
 _MEMORY_POINTS = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class PassConfig:
-  """What the intra-op pass needs from ``AutoShardingOption``."""
-
-  memory_budget: float | None = None
-  allow_all_gather: bool = True
-  allow_all_to_all: bool = True
-  prefer_reduce_scatter: bool = False
-  allow_mixed_mesh_shape: bool = False
-  time_limit_s: float = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,23 +95,24 @@ class _Node:
   root_outputs: tuple[int, ...] = ()
 
 
-def _make_rc(mesh: LogicalMesh, cfg: PassConfig):
+def _make_rc(mesh: LogicalMesh, option: AutoShardingOption):
 
   @functools.lru_cache(maxsize=None)
   def rc(src, dst, nbytes):
-    return resharding_cost(src, dst, nbytes, mesh, cfg.allow_all_gather,
-                           cfg.allow_all_to_all)
+    return resharding_cost(src, dst, nbytes, mesh, option.allow_all_gather,
+                           option.allow_all_to_all)
 
   return rc
 
 
 def _follow_target(op, graph: OpGraph, node_of, nodes):
-  if op.name not in FOLLOWERS or not op.outputs:
+  follow = follow_kind(op.name)
+  if follow is Follow.NONE or not op.outputs:
     return None
   if any(t in graph.outvar_set for t in op.outputs):
     return None  # a step output's layout is a decision of its own (next step)
   out_size = graph.tensor(op.outputs[0]).size
-  any_size = op.name in SHAPE_CHANGING_FOLLOWERS
+  any_size = follow is Follow.ANY_SIZE
   for pos, t in enumerate(op.inputs):
     if isinstance(t, Literal) or t not in node_of:
       continue
@@ -143,7 +123,7 @@ def _follow_target(op, graph: OpGraph, node_of, nodes):
   return None
 
 
-def _build_nodes(graph: OpGraph, mesh: LogicalMesh, cfg: PassConfig,
+def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
                  input_specs: dict[int, Sequence[Spec]], rc):
   nodes: list[_Node] = []
   node_of: dict[int, int] = {}
@@ -166,12 +146,13 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, cfg: PassConfig,
 
   for op in graph.ops:
     strats = strategies_for(op, graph, mesh,
-                            prefer_reduce_scatter=cfg.prefer_reduce_scatter,
-                            allow_mixed_mesh_shape=cfg.allow_mixed_mesh_shape)
+                            prefer_reduce_scatter=option.prefer_reduce_scatter,
+                            allow_mixed_mesh_shape=option.allow_mixed_mesh_shape)
     target = _follow_target(op, graph, node_of, nodes)
     if target is not None and len(strats) > 1:
       pos, t = target
       node_idx = node_of[t]
+      min_shards = follows_min_shards(op.name)
       node = nodes[node_idx]
       nbytes = graph.tensor(t).nbytes
       picks = []
@@ -184,9 +165,9 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, cfg: PassConfig,
         for k in exact or range(len(strats)):
           st = strats[k]
           c = st.cost + rc(spec, st.in_specs[pos], nbytes)
-          # a broadcast follows by leaving its new dims whole
+          # e.g. a broadcast follows by leaving its new dims whole
           key = (num_shards(st.out_specs[0], mesh.shape), c) \
-              if op.name == "broadcast_in_dim" else (c,)
+              if min_shards else (c,)
           if best_key is None or key < best_key:
             best_k, best_key, best_c = k, key, c
         picks.append(best_k)
@@ -329,7 +310,7 @@ def _peak_bytes(graph, nodes, node_of, choice, mesh_shape, constraints):
              default=0.0)
 
 
-def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh, cfg: PassConfig, *,
+def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption, *,
                       input_specs: dict[int, Sequence[Spec]] | None = None,
                       aliases: Sequence[tuple[int, int]] = (),
                       alias_penalty: float = 0.0) -> ShardingSolution:
@@ -338,7 +319,7 @@ def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh, cfg: PassConfig, *,
   Args:
     graph: the flattened step.
     mesh: logical mesh with its cost profile.
-    cfg: pass options.
+    option: the pass options (``AutoShardingOption``).
     input_specs: graph input position -> the specs it may take (methods with
       a constrained strategy space use this).
     aliases: (output tensor, input tensor) pairs: the output is fed back as
@@ -350,16 +331,17 @@ def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh, cfg: PassConfig, *,
     The solution.
 
   Raises:
-    InfeasiblePlanError: no plan fits ``cfg.memory_budget``.
+    InfeasiblePlanError: no plan fits ``option.memory_budget_per_device``.
   """
-  rc = _make_rc(mesh, cfg)
-  nodes, node_of = _build_nodes(graph, mesh, cfg, input_specs or {}, rc)
+  rc = _make_rc(mesh, option)
+  nodes, node_of = _build_nodes(graph, mesh, option, input_specs or {}, rc)
   edges = _build_edges(graph, nodes, node_of, rc, aliases, alias_penalty)
+  budget = option.memory_budget_per_device
   memory = ()
-  if cfg.memory_budget is not None:
+  if budget is not None:
     memory = tuple(_memory_constraints(graph, nodes, node_of, mesh.shape))
   problem = ilp.Problem(tuple(tuple(n.cost) for n in nodes), tuple(edges),
-                        memory, cfg.memory_budget, cfg.time_limit_s)
+                        memory, budget, option.solver_time_limit_s)
   free = sum(1 for n in nodes if len(n.cost) > 1)
   _progress.log(f"mesh {mesh.shape}: ILP over {len(nodes)} nodes ({free} with "
                 f"a choice), {len(edges)} edges, {len(memory)} memory points")
@@ -367,7 +349,7 @@ def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh, cfg: PassConfig, *,
   if isinstance(result, ilp.Infeasible):
     raise InfeasiblePlanError(
         f"no sharding on mesh {mesh.shape} fits memory_budget_per_device="
-        f"{cfg.memory_budget:.0f} bytes: at least {result.min_bytes_needed:.0f} "
+        f"{budget:.0f} bytes: at least {result.min_bytes_needed:.0f} "
         f"bytes per device are needed ({result.worst_point}; solver status "
         f"{result.status}). Raise the budget, use more devices, or reduce the "
         "batch / model size.")

@@ -28,6 +28,11 @@ import time
 GiB = 1 << 30
 
 
+def mesh_factorizations(n: int) -> list[tuple[int, int]]:
+  """Every 2-D logical mesh (a, n // a) of ``n`` devices, a ascending."""
+  return [(a, n // a) for a in range(1, n + 1) if n % a == 0]
+
+
 @dataclasses.dataclass(frozen=True)
 class CostProfile:
   """Performance figures of one kind of device cluster.

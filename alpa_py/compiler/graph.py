@@ -21,6 +21,9 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
+from alpa_py.compiler.markers import (GRAD_MARKER, PIPELINE_BOUNDARY,
+                                      PIPELINE_MARKER, is_boundary_eqn)
+
 # Primitives whose body is inlined into the surrounding graph; the value is the
 # name of the parameter that holds the body.
 _INLINE_PARAMS = {
@@ -123,11 +126,6 @@ def _aval_info(aval) -> TensorInfo:
   return TensorInfo(shape, getattr(aval, "dtype", None))
 
 
-def _is_boundary(eqn) -> bool:
-  from alpa_py.compiler.markers import is_boundary_callback
-  return is_boundary_callback(eqn.params.get("callback"))
-
-
 def _sub_jaxpr(eqn) -> tuple[Any, Sequence[Any]] | None:
   key = _INLINE_PARAMS.get(eqn.primitive.name)
   if key is None or key not in eqn.params:
@@ -210,20 +208,20 @@ class _Builder:
       env[var] = ref
     for eqn in jaxpr.eqns:
       ins = [read(v) for v in eqn.invars]
-      if eqn.primitive.name == "alpa_grad_marker":
+      if eqn.primitive.name == GRAD_MARKER:
         # identity; remembered so that gradient accumulation can find it
         for var, ref in zip(eqn.outvars, ins):
           env[var] = ref
         self.grad_marked.append(tuple(ins))
         continue
-      if eqn.primitive.name == "alpa_pipeline_marker":
+      if eqn.primitive.name == PIPELINE_MARKER:
         for var, ref in zip(eqn.outvars, ins):
           env[var] = ref
         self.pipeline_marks.append((len(self.ops), eqn.params["kind"],
                                     tuple(ins)))
         continue
-      if eqn.primitive.name == "debug_callback" and _is_boundary(eqn):
-        self.pipeline_marks.append((len(self.ops), "boundary", ()))
+      if is_boundary_eqn(eqn):
+        self.pipeline_marks.append((len(self.ops), PIPELINE_BOUNDARY, ()))
         continue
       if eqn.primitive.name == "optimization_barrier":
         # identity: a scheduling hint for XLA, no layout decision of its own

@@ -17,30 +17,72 @@ import dataclasses
 
 import numpy as np
 
-from alpa_py.compiler import ilp
+from alpa_py.compiler.ilp_problem import Edge, MemoryConstraint, Problem
+
+
+# One record per eliminated node: enough to recover its choice once the
+# choices of the neighbours it was folded into are known. (eq=False: the
+# pick tables are arrays, which have no single truth value to compare by.)
+@dataclasses.dataclass(frozen=True, eq=False)
+class Isolated:
+  """A node left without neighbours: its own cheapest strategy."""
+
+  v: int
+  pick: int
+
+  def choose(self, choice) -> int:
+    return self.pick
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Leaf:
+  """A node with one neighbour ``u``: its best strategy per strategy of u."""
+
+  v: int
+  u: int
+  pick: np.ndarray  # [strategy of u] -> strategy of v
+
+  def choose(self, choice) -> int:
+    return int(self.pick[choice[self.u]])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Chain:
+  """A node between ``u`` and ``w``: its best strategy per pair of theirs."""
+
+  v: int
+  u: int
+  w: int
+  pick: np.ndarray  # [strategy of u, strategy of w] -> strategy of v
+
+  def choose(self, choice) -> int:
+    return int(self.pick[choice[self.u], choice[self.w]])
+
+
+Step = Isolated | Leaf | Chain
 
 
 @dataclasses.dataclass
 class Reduction:
   """A reduced problem and how to recover the eliminated nodes' choices."""
 
-  core: ilp.Problem
+  core: Problem
   core_nodes: list[int]  # core index -> original node
-  steps: list  # elimination records, in order
+  steps: list[Step]  # eliminations, in order
   num_nodes: int
 
 
-def _class_edge(u: int, v: int, m: np.ndarray) -> ilp.Edge | None:
+def _class_edge(u: int, v: int, m: np.ndarray) -> Edge | None:
   if not np.any(m):
     return None
   rows, u_class = np.unique(m, axis=0, return_inverse=True)
   cols, v_class = np.unique(rows, axis=1, return_inverse=True)
-  return ilp.Edge(u, v, tuple(int(c) for c in u_class.ravel()),
-                  tuple(int(c) for c in v_class.ravel()),
-                  tuple(tuple(float(x) for x in r) for r in cols))
+  return Edge(u, v, tuple(int(c) for c in u_class.ravel()),
+              tuple(int(c) for c in v_class.ravel()),
+              tuple(tuple(float(x) for x in r) for r in cols))
 
 
-def reduce_problem(problem: ilp.Problem) -> Reduction:
+def reduce_problem(problem: Problem) -> Reduction:
   """Eliminates nodes of degree <= 2 (and fixed nodes) exactly."""
   n = len(problem.node_costs)
   cost = [np.asarray(c, dtype=np.float64) for c in problem.node_costs]
@@ -80,7 +122,7 @@ def reduce_problem(problem: ilp.Problem) -> Reduction:
           pinned.add(node)
 
   alive = [True] * n
-  steps = []
+  steps: list[Step] = []
   stack = list(range(n))
   while stack:
     v = stack.pop()
@@ -95,19 +137,19 @@ def reduce_problem(problem: ilp.Problem) -> Reduction:
         stack.append(u)
       deg = 0
     if deg == 0:
-      steps.append(("leaf0", v, int(np.argmin(cost[v]))))
+      steps.append(Isolated(v, int(np.argmin(cost[v]))))
     elif deg == 1:
       (u,) = adj[v]
       tot = get_edge(u, v) + cost[v][None, :]
       cost[u] = cost[u] + tot.min(axis=1)
-      steps.append(("leaf1", v, u, tot.argmin(axis=1)))
+      steps.append(Leaf(v, u, tot.argmin(axis=1)))
       drop_edge(u, v)
       stack.append(u)
     elif deg == 2:
       u, w = sorted(adj[v])
       through = (get_edge(u, v) + cost[v][None, :])[:, :, None] + \
           get_edge(v, w)[None, :, :]
-      steps.append(("chain", v, u, w, through.argmin(axis=1)))
+      steps.append(Chain(v, u, w, through.argmin(axis=1)))
       drop_edge(u, v)
       drop_edge(v, w)
       add_edge(u, w, through.min(axis=1))
@@ -127,13 +169,13 @@ def reduce_problem(problem: ilp.Problem) -> Reduction:
   for mc in problem.memory:
     # eliminated nodes were not pinned: their bytes do not depend on the choice
     fixed = mc.fixed_bytes + sum(b[0] for node, b in mc.terms if node not in index)
-    memory.append(ilp.MemoryConstraint(
+    memory.append(MemoryConstraint(
         tuple((index[node], b) for node, b in mc.terms if node in index),
         mc.label, fixed))
   memory = tuple(memory)
-  core = ilp.Problem(tuple(tuple(float(x) for x in cost[v]) for v in core_nodes),
-                     tuple(core_edges), memory, problem.memory_budget,
-                     problem.time_limit_s)
+  core = Problem(tuple(tuple(float(x) for x in cost[v]) for v in core_nodes),
+                 tuple(core_edges), memory, problem.memory_budget,
+                 problem.time_limit_s)
   return Reduction(core, core_nodes, steps, n)
 
 
@@ -143,11 +185,5 @@ def expand(reduction: Reduction, core_choice) -> tuple[int, ...]:
   for i, v in enumerate(reduction.core_nodes):
     choice[v] = int(core_choice[i])
   for step in reversed(reduction.steps):
-    kind, v = step[0], step[1]
-    if kind == "leaf0":
-      choice[v] = step[2]
-    elif kind == "leaf1":
-      choice[v] = int(step[3][choice[step[2]]])
-    else:
-      choice[v] = int(step[4][choice[step[2]], choice[step[3]]])
+    choice[step.v] = step.choose(choice)
   return tuple(choice)

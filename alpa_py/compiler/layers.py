@@ -20,6 +20,7 @@ import math
 from typing import Sequence
 
 from alpa_py.compiler.graph import Op, OpGraph
+from alpa_py.compiler.markers import PIPELINE_BOUNDARY, PIPELINE_SEED
 
 _HEAVY = ("dot_general", "conv_general_dilated")
 
@@ -72,7 +73,8 @@ class LayerAssignment:
 
 def seed_position(graph: OpGraph) -> int:
   """Position of the backward pass's start (the loss's cotangent seed)."""
-  seeds = [pos for pos, kind, _ in graph.pipeline_marks if kind == "seed"]
+  seeds = [pos for pos, kind, _ in graph.pipeline_marks
+           if kind == PIPELINE_SEED]
   if not seeds:
     raise ValueError(
         "PipeshardParallel needs the gradient computed with alpa_py.grad or "
@@ -184,7 +186,7 @@ def assign_layers(graph: OpGraph, ops: Sequence[Op],
     num_layers = option.layer_num
   else:
     bounds = sorted(pos for pos, kind, _ in graph.pipeline_marks
-                    if kind == "boundary" and pos < seed)
+                    if kind == PIPELINE_BOUNDARY and pos < seed)
     if not bounds:
       raise ValueError(
           "ManualLayerOption found no layer boundary in the forward pass: call "

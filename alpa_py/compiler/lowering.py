@@ -16,18 +16,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from alpa_py.compiler.auto_sharding import ShardingSolution
 from alpa_py.compiler.graph import Literal, OpGraph, evaluate
+from alpa_py.compiler.program import make_mesh as make_mesh
 from alpa_py.compiler.strategies.spec import replicated, to_partition_spec
-
-AXIS_NAMES = ("x", "y")
-
-
-def make_mesh(devices, mesh_shape: tuple[int, ...]) -> Mesh:
-  """A mesh with Auto axes (``jax.make_mesh`` would make Explicit ones)."""
-  import numpy as np
-  names = AXIS_NAMES[:len(mesh_shape)]
-  arr = np.array(list(devices), dtype=object).reshape(mesh_shape)
-  return Mesh(arr, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
-
 
 def named_sharding(mesh: Mesh, spec) -> NamedSharding:
   return NamedSharding(mesh, to_partition_spec(spec, mesh.axis_names))

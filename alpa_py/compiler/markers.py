@@ -49,14 +49,20 @@ batching.primitive_batchers[grad_marker_p] = _batch
 
 # -- pipeline markers ---------------------------------------------------------
 #
-# ``alpa_pipeline_marker`` is an identity with a ``kind``. Its transpose swaps
-# the kind, so a marker in the forward pass leaves a mirrored one in the
-# backward pass:
+# ``alpa_pipeline_marker`` is an identity with a ``kind`` (one of the
+# ``PIPELINE_*`` names below: plain strings, since JAX keeps them in the
+# jaxpr's params). Its transpose swaps the kind, so a marker in the forward
+# pass leaves a mirrored one in the backward pass:
 #   "boundary" -> "boundary_bwd"  (a layer boundary, data form)
 #   "loss"     -> "seed"          (the loss; its cotangent seeds the backward)
 PIPELINE_MARKER = "alpa_pipeline_marker"
-_TRANSPOSED_KIND = {"boundary": "boundary_bwd", "boundary_bwd": "boundary",
-                    "loss": "seed", "seed": "loss"}
+PIPELINE_BOUNDARY = "boundary"
+PIPELINE_BOUNDARY_BWD = "boundary_bwd"
+PIPELINE_LOSS = "loss"
+PIPELINE_SEED = "seed"
+_TRANSPOSED_KIND = {PIPELINE_BOUNDARY: PIPELINE_BOUNDARY_BWD,
+                    PIPELINE_BOUNDARY_BWD: PIPELINE_BOUNDARY,
+                    PIPELINE_LOSS: PIPELINE_SEED, PIPELINE_SEED: PIPELINE_LOSS}
 
 pipeline_marker_p = Primitive(PIPELINE_MARKER)
 pipeline_marker_p.multiple_results = True
@@ -80,6 +86,11 @@ ad.primitive_jvps[pipeline_marker_p] = _pm_jvp
 ad.primitive_transposes[pipeline_marker_p] = _pm_transpose
 batching.primitive_batchers[pipeline_marker_p] = (
     lambda args, dims, kind: (pipeline_marker_p.bind(*args, kind=kind), dims))
+
+
+# The primitive ``jax.debug.callback`` binds: the argument-less boundary
+# marker is one whose callback is ``_boundary_sentinel``.
+_CALLBACK_PRIMITIVE = "debug_callback"
 
 
 def _boundary_sentinel():
@@ -107,6 +118,12 @@ def is_boundary_callback(callback) -> bool:
   return False
 
 
+def is_boundary_eqn(eqn) -> bool:
+  """Whether a jaxpr eqn is an argument-less ``mark_pipeline_boundary()``."""
+  return (eqn.primitive.name == _CALLBACK_PRIMITIVE and
+          is_boundary_callback(eqn.params.get("callback")))
+
+
 def mark_pipeline_boundary(*xs):
   """Marks a layer boundary in the forward pass (for ``ManualLayerOption``).
 
@@ -122,7 +139,7 @@ def mark_pipeline_boundary(*xs):
   if not xs:
     jax.debug.callback(_boundary_sentinel)
     return None
-  out = pipeline_marker_p.bind(*xs, kind="boundary")
+  out = pipeline_marker_p.bind(*xs, kind=PIPELINE_BOUNDARY)
   return out[0] if len(xs) == 1 else tuple(out)
 
 
@@ -136,8 +153,8 @@ def _mark_loss(fun: Callable, has_aux: bool) -> Callable:
     out = fun(*args, **kw)
     if has_aux:
       loss, aux = out
-      return pipeline_marker_p.bind(loss, kind="loss")[0], aux
-    return pipeline_marker_p.bind(out, kind="loss")[0]
+      return pipeline_marker_p.bind(loss, kind=PIPELINE_LOSS)[0], aux
+    return pipeline_marker_p.bind(out, kind=PIPELINE_LOSS)[0]
 
   return wrapped
 

@@ -11,12 +11,35 @@ t_max and whose devices add up to the total, and keeps the best total.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import itertools
 import math
 from typing import Callable, Sequence
 
-SUBMESH_SPACES = ("power_of_two", "all")
-COST_SOURCES = ("profile", "model")
+
+# Both enums are str-valued, so that an option still compares equal to the
+# string it was given (``option.cost_source == "model"``).
+class SubmeshSpace(str, enum.Enum):
+  """Candidate submesh sizes for the stage DP."""
+
+  POWER_OF_TWO = "power_of_two"  # 1, 2, 4, ... devices
+  ALL = "all"  # any divisor of the device count
+
+
+class CostSource(str, enum.Enum):
+  """Where the stage DP gets the time of a candidate stage."""
+
+  PROFILE = "profile"  # compile and time it on its submesh
+  MODEL = "model"  # the intra-op ILP's predicted time
+
+
+def _parse(kind: type[enum.Enum], field: str, value):
+  """``value`` (a member or its string) as a member of ``kind``."""
+  try:
+    return kind(value)
+  except ValueError:
+    raise ValueError(f"{field} (={value!r}) must be one of "
+                     f"{tuple(m.value for m in kind)}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,21 +69,22 @@ class AutoStageOption:
 
   Attributes:
     submesh_shape_space: ``power_of_two`` (submeshes of 1, 2, 4, ... devices)
-      or ``all`` (any divisor of the device count).
+      or ``all`` (any divisor of the device count); a ``SubmeshSpace`` or its
+      string.
     cost_source: ``profile`` (compile and time each candidate stage on its
-      submesh) or ``model`` (the intra-op ILP's predicted time).
+      submesh) or ``model`` (the intra-op ILP's predicted time); a
+      ``CostSource`` or its string.
   """
 
-  submesh_shape_space: str = "power_of_two"
-  cost_source: str = "profile"
+  submesh_shape_space: SubmeshSpace = SubmeshSpace.POWER_OF_TWO
+  cost_source: CostSource = CostSource.PROFILE
 
   def __post_init__(self):
-    if self.submesh_shape_space not in SUBMESH_SPACES:
-      raise ValueError(f"submesh_shape_space (={self.submesh_shape_space!r}) "
-                       f"must be one of {SUBMESH_SPACES}")
-    if self.cost_source not in COST_SOURCES:
-      raise ValueError(f"cost_source (={self.cost_source!r}) must be one of "
-                       f"{COST_SOURCES}")
+    object.__setattr__(self, "submesh_shape_space",
+                       _parse(SubmeshSpace, "submesh_shape_space",
+                              self.submesh_shape_space))
+    object.__setattr__(self, "cost_source",
+                       _parse(CostSource, "cost_source", self.cost_source))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +136,10 @@ class StageSpec:
   device_range: tuple[int, int]  # [start, end) into the device list
 
 
-def submesh_choices(num_devices: int, space: str) -> list[tuple[int, int]]:
+def submesh_choices(num_devices: int,
+                    space: SubmeshSpace) -> list[tuple[int, int]]:
   """Candidate physical submeshes on one host: (1, d)."""
-  if space == "power_of_two":
+  if space == SubmeshSpace.POWER_OF_TWO:
     sizes = [1 << k for k in range(num_devices.bit_length())
              if (1 << k) <= num_devices]
   else:

@@ -1,38 +1,39 @@
-"""``init()`` / ``shutdown()`` and the devices plans run on.
+"""``init()`` / ``shutdown()``: which backend steps run on.
 
 The local backend uses the devices of this process (``jax.devices()``, e.g.
 8 simulated CPU devices); ``parallelize`` without ``init`` uses it. The Ray
-backend (``runtime/ray_cluster.py``) runs steps on host worker actors.
+backend (``runtime/ray_cluster.py``) runs steps on host worker actors. The
+current backend lives in one scoped handle, ``_SESSION``; nothing else in
+the package keeps cluster state.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
-import jax
+from alpa_py.runtime.backend import Backend, LocalBackend
 
 _SUPPORTED = ("local", "ray")
 
 
-@dataclasses.dataclass(frozen=True)
-class DeviceCluster:
-  """The devices a plan may use."""
+class _Session:
+  """The backend ``init`` attached, and the default local one."""
 
-  kind: str
-  devices: tuple[Any, ...]
+  def __init__(self):
+    self.current: Backend | None = None
+    self._default_local: LocalBackend | None = None
 
-  @property
-  def num_devices(self) -> int:
-    return len(self.devices)
+  def default_local(self) -> LocalBackend:
+    # one stable object, so that it can be part of executable cache keys
+    if self._default_local is None:
+      self._default_local = LocalBackend()
+    return self._default_local
 
 
-_current: DeviceCluster | None = None
+_SESSION = _Session()
 
 
 def init(cluster: str = "local", address: str | None = None,
          num_nodes: int | None = None,
-         num_devices_per_node: int | None = None):
+         num_devices_per_node: int | None = None) -> Backend:
   """Attaches alpa_py to a cluster.
 
   Args:
@@ -45,48 +46,43 @@ def init(cluster: str = "local", address: str | None = None,
       number of simulated CPU devices per host (default 4).
 
   Returns:
-    The cluster.
+    The backend.
 
   Raises:
     ValueError: an unknown cluster kind, options the kind does not take, or
       more hosts/devices than the cluster has.
+    RuntimeError: ``init`` was already called without ``shutdown``.
     ConnectionError: a Ray address that cannot be reached.
   """
-  global _current
   if cluster not in _SUPPORTED:
     raise ValueError(f"cluster (={cluster!r}) is not available; this version "
                      f"supports {_SUPPORTED}")
-  shutdown()
+  if _SESSION.current is not None:
+    raise RuntimeError(
+        f"alpa_py.init was already called (cluster={_SESSION.current.kind!r});"
+        " call alpa_py.shutdown() first, then init again")
   if cluster == "local":
     if address is not None or num_nodes is not None or num_devices_per_node:
       raise ValueError("cluster='local' takes no address/num_nodes/"
                        "num_devices_per_node")
-    _current = DeviceCluster("local", tuple(jax.devices()))
-    return _current
+    _SESSION.current = LocalBackend()
+    return _SESSION.current
+  # Ray is optional and slow to import.
   from alpa_py.runtime.ray_cluster import RayCluster
-  _current = RayCluster(address=address, num_nodes=num_nodes,
-                        num_devices_per_node=num_devices_per_node)
-  return _current
+  _SESSION.current = RayCluster(address=address, num_nodes=num_nodes,
+                                num_devices_per_node=num_devices_per_node)
+  return _SESSION.current
 
 
 def shutdown() -> None:
-  """Releases the cluster: every worker actor it made, and the Ray cluster
-  if ``init`` started it (a cluster it attached to keeps running)."""
-  global _current
-  if _current is not None and getattr(_current, "kind", "local") == "ray":
-    _current.shutdown()
-  _current = None
+  """Releases the backend: every worker actor it made, and the Ray cluster
+  if ``init`` started it (a cluster it attached to keeps running).
+  Executables compiled for it, and arrays it holds, refuse to run after."""
+  current, _SESSION.current = _SESSION.current, None
+  if current is not None:
+    current.shutdown()
 
 
-_default_local: DeviceCluster | None = None
-
-
-def current_cluster() -> DeviceCluster:
-  """The cluster from ``init``, or the local devices (one stable object, so
-  that it can be part of executable cache keys)."""
-  global _default_local
-  if _current is not None:
-    return _current
-  if _default_local is None:
-    _default_local = DeviceCluster("local", tuple(jax.devices()))
-  return _default_local
+def current_cluster() -> Backend:
+  """The backend from ``init``, or the local devices."""
+  return _SESSION.current or _SESSION.default_local()

@@ -13,10 +13,16 @@ from __future__ import annotations
 import itertools
 import os
 import socket
-import weakref
 
 import jax
 import numpy as np
+
+from alpa_py.compiler.pipeline_program import PipelineProgram
+from alpa_py.compiler.program import Task
+from alpa_py.runtime.backend import next_serial
+from alpa_py.runtime.ray_executable import RayStepRunner
+from alpa_py.runtime.ray_pipeshard import RayPipelineRunner
+from alpa_py.runtime.worker import HostWorker
 
 _handles = itertools.count(1)
 
@@ -43,7 +49,7 @@ def _free_port() -> int:
 
 
 class RayCluster:
-  """Host workers in a Ray cluster (``kind == "ray"``)."""
+  """The Ray backend: host workers in a Ray cluster (``kind == "ray"``)."""
 
   kind = "ray"
 
@@ -78,7 +84,6 @@ class RayCluster:
     self.platform = platform
     self.num_hosts = hosts
     self.devices_per_host = per_host
-    from alpa_py.runtime.worker import HostWorker
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     actor = ray.remote(num_cpus=1, num_gpus=per_host if gpus else 0)(HostWorker)
     coordinator = f"{nodes[0]['NodeManagerAddress']}:{_free_port()}" \
@@ -105,6 +110,19 @@ class RayCluster:
           "mesh, so give it as many (e.g. XLA_FLAGS=--xla_force_host_platform_"
           f"device_count={self.num_devices})")
     self.devices = tuple(local[:self.num_devices])
+    self.serial = next_serial()
+
+  @property
+  def alive(self) -> bool:
+    return bool(self.workers)
+
+  # -- the backend protocol --------------------------------------------------
+
+  def step_runner(self, task: Task) -> RayStepRunner:
+    return RayStepRunner(task, self)
+
+  def pipeline_runner(self, program: PipelineProgram) -> RayPipelineRunner:
+    return RayPipelineRunner(program, self)
 
   # -- used by executables ---------------------------------------------------
 
@@ -164,50 +182,3 @@ class RayCluster:
     self.extra_actors = []
     if self.started_ray and ray.is_initialized():
       ray.shutdown()
-
-
-class DistributedArray:
-  """A result that stays on the workers until fetched.
-
-  ``np.asarray(x)`` or ``x.fetch()`` brings it to the driver; passing it to
-  the next step keeps it where it is. Freed on the workers when the driver
-  drops its last reference.
-  """
-
-  def __init__(self, cluster: RayCluster, handle: int, shape, dtype):
-    self._cluster = weakref.ref(cluster)
-    self.handle = handle
-    self.shape = tuple(shape)
-    self.dtype = np.dtype(dtype)
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.shape))
-
-  def fetch(self) -> np.ndarray:
-    cluster = self._cluster()
-    if cluster is None or not cluster.workers:
-      raise RuntimeError("the Ray cluster holding this array was shut down")
-    return cluster.fetch(self.handle, self.shape, self.dtype)
-
-  def __array__(self, dtype=None, copy=None):
-    arr = self.fetch()
-    return arr if dtype is None else arr.astype(dtype)
-
-  def block_until_ready(self):
-    return self
-
-  def __float__(self):
-    return float(self.fetch())
-
-  def __repr__(self):
-    return f"DistributedArray(shape={self.shape}, dtype={self.dtype}, handle={self.handle})"
-
-  def __del__(self):
-    cluster = self._cluster()
-    if cluster is not None and cluster.workers:
-      cluster.free([self.handle])

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 
+from alpa_py.runtime import pipeline_interpreter
+from alpa_py.runtime.ray_pipeshard import WorkerTransport
+
 
 class HostWorker:
   """One per host. Methods are called through Ray."""
@@ -28,6 +31,7 @@ class HostWorker:
     self.rank = rank
     self.buffers: dict = {}
     self.programs: dict = {}
+    self.pipelines: dict = {}
 
   def info(self):
     import jax
@@ -38,72 +42,77 @@ class HostWorker:
   def ping(self):
     return self.rank
 
-  def load(self, key, blob: bytes, mesh_shape, in_specs, out_specs):
-    """Deserializes an exported program for the global mesh."""
+  def _load_task(self, task):
+    """(callable, argument shardings) of a portable ``Task``: on this host's
+    devices for a pipeline stage, on every host's for a global program."""
     import jax
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding
-    exported = jax.export.deserialize(blob)
-    names = ("x", "y")[:len(mesh_shape)]
-    mesh = Mesh(np.array(jax.devices()).reshape(mesh_shape), names,
-                axis_types=(jax.sharding.AxisType.Auto,) * len(names))
-    ins = tuple(NamedSharding(mesh, s) for s in in_specs)
-    outs = tuple(NamedSharding(mesh, s) for s in out_specs)
-    self.programs[key] = (jax.jit(exported.call, in_shardings=ins,
-                                  out_shardings=outs), ins)
-    return True
+    from jax.sharding import NamedSharding
+    from alpa_py.compiler.program import make_mesh
+    exported = jax.export.deserialize(task.blob)
+    devs = jax.local_devices() if task.local_devices else jax.devices()
+    mesh = make_mesh(devs[:int(np.prod(task.mesh_shape))], task.mesh_shape)
+    ins = tuple(NamedSharding(mesh, s) for s in task.in_specs)
+    outs = tuple(NamedSharding(mesh, s) for s in task.out_specs)
+    return jax.jit(exported.call, in_shardings=ins, out_shardings=outs), ins
 
-  def run(self, key, args, out_handles):
-    """Runs a program on handles / host arrays; keeps the results here."""
+  def _inputs(self, args, shardings=None):
+    """Step inputs from ("h", handle) / ("np", array) pairs; with
+    ``shardings``, each placed in its argument's layout."""
     import jax
     import numpy as np
-    fn, ins = self.programs[key]
     vals = []
-    for (kind, val), sharding in zip(args, ins):
-      if kind == "h":
-        arr = self.buffers[val]
-        if not arr.sharding.is_equivalent_to(sharding, arr.ndim):
-          # e.g. last step's new state in the layout the plan gave its
-          # outputs; every worker runs the same reshard (SPMD)
-          arr = jax.jit(lambda x: x, out_shardings=sharding)(arr)
-        vals.append(arr)
-      else:
-        arr = np.asarray(val)
-        vals.append(jax.make_array_from_callback(arr.shape, sharding,
-                                                 lambda idx, a=arr: a[idx]))
-    outs = fn(*vals)
+    for i, (kind, val) in enumerate(args):
+      v = self.buffers[val] if kind == "h" else np.asarray(val)
+      if shardings is not None:
+        sharding = shardings[i]
+        if isinstance(v, jax.Array):
+          if not v.sharding.is_equivalent_to(sharding, v.ndim):
+            # e.g. last step's new state in the layout the plan gave its
+            # outputs; every worker runs the same reshard (SPMD)
+            v = jax.jit(lambda x: x, out_shardings=sharding)(v)
+        else:
+          v = jax.make_array_from_callback(v.shape, sharding,
+                                           lambda idx, a=v: a[idx])
+      vals.append(v)
+    return vals
+
+  def _keep(self, outs, out_handles):
+    import jax
     jax.block_until_ready(outs)
     for h, v in zip(out_handles, outs):
       self.buffers[h] = v
     return [(tuple(v.shape), str(v.dtype)) for v in outs]
 
-  def load_pipeline(self, key, payload):
-    """Deserializes a pipeline's stage programs (local meshes) and update
-    (the global mesh)."""
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh, NamedSharding
-    loaded = {}
-    for name, prog in payload["programs"].items():
-      exported = jax.export.deserialize(prog["blob"])
-      shape = prog["mesh_shape"]
-      names = ("x", "y")[:len(shape)]
-      devs = jax.local_devices() if prog["local"] else jax.devices()
-      mesh = Mesh(np.array(devs[:int(np.prod(shape))]).reshape(shape), names,
-                  axis_types=(jax.sharding.AxisType.Auto,) * len(names))
-      ins = tuple(NamedSharding(mesh, s) for s in prog["in_specs"])
-      outs = tuple(NamedSharding(mesh, s) for s in prog["out_specs"])
-      fn = jax.jit(exported.call, in_shardings=ins, out_shardings=outs)
-      loaded[name] = (fn, ins, list(prog["in_ids"]), list(prog["out_ids"]))
-    payload = dict(payload, loaded=loaded)
-    if not hasattr(self, "pipelines"):
-      self.pipelines = {}
-    self.pipelines[key] = payload
+  def load(self, key, task):
+    """Loads an exported SPMD step for the global mesh."""
+    self.programs[key] = self._load_task(task)
+    return True
+
+  def run(self, key, args, out_handles):
+    """Runs a step on handles / host arrays; keeps the results here."""
+    fn, ins = self.programs[key]
+    return self._keep(fn(*self._inputs(args, ins)), out_handles)
+
+  def load_pipeline(self, key, program, hosts):
+    """Loads a portable ``PipelineProgram``: the stages on this host's
+    devices, the update on the global mesh."""
+    loaded = {"update": self._load_task(program.update)}
+    for st in program.stages:
+      if hosts[st.index] == self.rank:
+        loaded[("F", st.index)] = self._load_task(st.forward)
+        loaded[("B", st.index)] = self._load_task(st.backward)
+    self.pipelines[key] = (program, hosts, loaded)
     return True
 
   def run_pipeline(self, key, step, args, out_handles, mailbox):
-    from alpa_py.runtime.ray_pipeshard import run_pipeline_on_worker
-    return run_pipeline_on_worker(self, key, step, args, out_handles, mailbox)
+    """One pipelined step: this host's stages, then the global update."""
+    program, hosts, loaded = self.pipelines[key]
+    inputs = dict(zip(program.invar_ids, self._inputs(args)))
+    transport = WorkerTransport(program, hosts, self.rank, loaded, inputs,
+                                step, mailbox)
+    outs, _ = pipeline_interpreter.interpret(program, transport)
+    return self._keep(outs, out_handles)
 
   def fetch(self, handle):
     """This host's shards of a buffer: [(index, ndarray)]."""

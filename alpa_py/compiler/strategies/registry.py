@@ -1,4 +1,9 @@
-"""The strategy registry: op -> strategies, with an explicit default."""
+"""The strategy registry: op -> strategies, with an explicit default.
+
+Everything the compiler knows per primitive is asked of it: the loop nest
+(hence the strategies and their costs) and whether the op follows an operand
+(``follow_kind``), both from the primitive's one ``register`` call.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,13 @@ import warnings
 
 from alpa_py.compiler.cluster_env import LogicalMesh
 from alpa_py.compiler.graph import Literal, Op, OpGraph, TensorInfo
+# rules_indexing is imported for its registrations: they fill RULES.
+from alpa_py.compiler.strategies import rules_indexing  # noqa: F401
 from alpa_py.compiler.strategies.loop_nest import (LoopNest, Strategy,
                                                    enumerate_strategies,
                                                    replicated_nest)
-from alpa_py.compiler.strategies.rules import RULES, default_rule
+from alpa_py.compiler.strategies.rule_table import RULES, Follow
+from alpa_py.compiler.strategies.rules import default_rule
 
 _warned: set[str] = set()
 
@@ -33,10 +41,12 @@ def loop_nest_for(op: Op, graph: OpGraph) -> LoopNest:
   """The op's loop nest from its rule (or the replicated default)."""
   ins = [None if isinstance(t, Literal) else graph.tensor(t) for t in op.inputs]
   outs = [graph.tensor(t) for t in op.outputs]
-  rule = RULES.get(op.name)
-  if rule is None:
+  entry = RULES.get(op.name)
+  if entry is None:
     _warn_unsupported(op.name)
     rule = default_rule
+  else:
+    rule = entry.rule
   try:
     return rule(op, ins, outs)
   except (KeyError, IndexError, AttributeError, TypeError) as e:
@@ -44,6 +54,18 @@ def loop_nest_for(op: Op, graph: OpGraph) -> LoopNest:
     warnings.warn(f"sharding rule for `{op.name}` failed ({e!r}); kept "
                   "replicated", UnsupportedPrimitiveWarning, stacklevel=2)
     return replicated_nest(ins, outs)
+
+
+def follow_kind(name: str) -> Follow:
+  """Whether ops of primitive ``name`` follow an operand (see ``Follow``)."""
+  entry = RULES.get(name)
+  return Follow.NONE if entry is None else entry.follow
+
+
+def follows_min_shards(name: str) -> bool:
+  """Whether a following op prefers its least-split output, cost second."""
+  entry = RULES.get(name)
+  return entry is not None and entry.follow_min_shards
 
 
 def strategies_for(op: Op, graph: OpGraph, mesh: LogicalMesh, *,

@@ -1,0 +1,196 @@
+"""Compiling a step with PipeshardParallel.
+
+trace (one micro-batch) -> OpGraph -> pre/body/update split -> layers ->
+stages on submeshes -> per stage, one intra-op ILP over its forward and
+backward ops and two compiled programs -> the update on the whole mesh ->
+a ``PipelineProgram`` (the schedule's instruction list) that the backend
+runs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from alpa_py import _progress
+from alpa_py.compiler import accumulation
+from alpa_py.compiler.auto_sharding import InfeasiblePlanError, run_auto_sharding
+from alpa_py.compiler.cluster_env import (LogicalMesh, get_profile,
+                                          mesh_factorizations)
+from alpa_py.compiler.graph import OpGraph, evaluate, subgraph
+from alpa_py.compiler.layers import assign_layers
+from alpa_py.compiler.lowering import (constraint_hooks, io_shardings,
+                                       make_mesh, tensor_spec)
+from alpa_py.compiler.options import AutoShardingOption
+from alpa_py.compiler.pipeline_program import StageProgram, emit_program
+from alpa_py.compiler.program import Task
+from alpa_py.compiler.schedules import clock_table
+from alpa_py.compiler.stages import ManualStageOption, UniformStageOption
+from alpa_py.compiler.strategies.spec import to_partition_spec
+from alpa_py.driver.executable import PipeshardExecutable
+from alpa_py.driver.plans import PipeshardPlan, StagePlan, TensorPlan, make_plan
+from alpa_py.driver.signature import Signature
+from alpa_py.driver.stage_construction import (Pieces, auto_stages,
+                                               compile_task, manual_stages,
+                                               solve_stage, uniform_stages)
+from alpa_py.driver.tracing import TracedStep, trace_step
+from alpa_py.methods import PipeshardParallel
+from alpa_py.runtime.backend import Backend
+
+_HEAVY = ("dot_general", "conv_general_dilated")
+
+
+def _update_ops(graph: OpGraph, pieces: Pieces, averaged: set):
+  """The update's ops: the post part, and the pre ops it needs that do not
+  run inside a stage (everything upstream of an accumulated value does)."""
+  needed: set = set()
+  stack = [t for op in pieces.post_ops for t in op.inputs if isinstance(t, int)]
+  stack += [t for t in graph.outvars if isinstance(t, int)]
+  pre_by_out = {t: op for op in pieces.pipe_ops for t in op.outputs}
+  while stack:
+    t = stack.pop()
+    op = pre_by_out.get(t)
+    if op is None or op.index in needed or t in averaged:
+      continue
+    needed.add(op.index)
+    stack.extend(x for x in op.inputs if isinstance(x, int))
+  return sorted([op for op in pieces.pipe_ops if op.index in needed]
+                + pieces.post_ops, key=lambda o: o.index)
+
+
+def _compile_update(traced: TracedStep, pieces: Pieces, averaged: set,
+                    option: AutoShardingOption, devices):
+  """The update on the whole mesh: (Task, solution, graph, mesh)."""
+  graph, n = traced.graph, traced.num_micro_batches
+  g = subgraph(graph, _update_ops(graph, pieces, averaged),
+               [t for t in graph.outvars if isinstance(t, int)])
+  inputs = set(g.invars)
+  aliases = [(o, i) for o, i in traced.graph_aliases if i in inputs]
+  profile = get_profile(option.cost_profile)
+  best = None
+  for shape in mesh_factorizations(len(devices)):
+    sol = run_auto_sharding(g, LogicalMesh(shape, profile), option,
+                            aliases=aliases)
+    if best is None or sol.objective < best.objective:
+      best = sol
+  mesh = make_mesh(devices, best.mesh_shape)
+  on_output, on_operand = constraint_hooks(g, best, mesh)
+  div = [t in averaged for t in g.invars]
+
+  def apply_fn(*args):
+    # accumulated values arrive summed over micro-batches: take the mean
+    args = [a / n if d and jnp.issubdtype(a.dtype, jnp.inexact) else a
+            for a, d in zip(args, div)]
+    env = dict(zip(g.invars, args))
+    evaluate(g, None, on_output=on_output, on_operand=on_operand, env=env)
+    return tuple(env[t] for t in g.outvars)
+
+  ins, outs = io_shardings(g, best, mesh)
+  sds = [jax.ShapeDtypeStruct(g.tensor(t).shape, g.tensor(t).dtype, sharding=s)
+         for t, s in zip(g.invars, ins)]
+  task = Task.compile(apply_fn, sds, g.invars, g.outvars, ins, outs)
+  return task, best, g, mesh
+
+
+def _stage_specs(method: PipeshardParallel, pieces: Pieces, devices,
+                 option: AutoShardingOption, report: dict):
+  so, L, N = method.stage_option, pieces.layers.num_layers, len(devices)
+  if isinstance(so, UniformStageOption):
+    return uniform_stages(so, L, N)
+  if isinstance(so, ManualStageOption):
+    return manual_stages(so, L, N)
+  return auto_stages(so, pieces, N, devices, option,
+                     get_profile(option.cost_profile),
+                     method.num_micro_batches, report)
+
+
+def _tensor_plan(names: dict, graph: OpGraph, sol, t, mesh) -> TensorPlan:
+  info = graph.tensor(t)
+  return TensorPlan(names.get(t, f"%{t}"), info.shape, str(info.dtype),
+                    to_partition_spec(tensor_spec(graph, sol, t),
+                                      mesh.axis_names))
+
+
+def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
+                      backend: Backend) -> PipeshardExecutable:
+  """Compiles ``fun`` for the call signature ``sig`` as a pipeline."""
+  t_start = time.perf_counter()
+  report: dict = {}
+  n = method.num_micro_batches
+  option = method.default_auto_sharding_option
+  traced = trace_step(fun, sig, n)
+  graph = traced.graph
+  part = accumulation.partition(graph, sig.batch_inputs, n, traced.out_names)
+  pipe_ops = sorted(part.pre + part.body, key=lambda o: o.index)
+  t0 = time.perf_counter()
+  layers = assign_layers(graph, pipe_ops, method.layer_option)
+  report["layer_clustering_seconds"] = time.perf_counter() - t0
+  _progress.log(f"{layers.num_layers} layers, GFLOP per layer: "
+                + ", ".join(f"{f / 1e9:.3f}" for f in layers.layer_flops))
+  pieces = Pieces(graph, layers, pipe_ops,
+                  sorted(part.post, key=lambda o: o.index), part.marked)
+  devices = list(sig.devices)
+  t0 = time.perf_counter()
+  specs = _stage_specs(method, pieces, devices, option, report)
+  report["stage_construction_seconds"] = time.perf_counter() - t0
+  _progress.log("stages: " + "; ".join(
+      f"layers {s.layers[0]}-{s.layers[1] - 1} on {s.submesh_shape} as "
+      f"{s.logical_shape}" for s in specs))
+
+  profile = get_profile(option.cost_profile)
+  names = dict(zip(graph.invars, sig.paths))
+  stages, stage_plans, produced = [], [], set()
+  t0 = time.perf_counter()
+  for k, spec in enumerate(specs):
+    try:
+      sol, joint, gf, gb = solve_stage(pieces, *spec.layers, spec.logical_shape,
+                                       option, profile)
+    except InfeasiblePlanError as e:
+      raise InfeasiblePlanError(f"stage {k} (layers {spec.layers[0]}-"
+                                f"{spec.layers[1] - 1}) fits no plan on its "
+                                f"submesh {spec.submesh_shape}: {e}") from None
+    sub = devices[spec.device_range[0]:spec.device_range[1]]
+    mesh = make_mesh(sub, spec.logical_shape)
+    f, b = compile_task(gf, sol, mesh), compile_task(gb, sol, mesh)
+    produced.update(f.out_ids + b.out_ids)
+    device_ids = tuple(d.id for d in sub)
+    stages.append(StageProgram(k, f, b, device_ids, tuple(spec.logical_shape)))
+    stage_plans.append(StagePlan(
+        index=k, layers=spec.layers, submesh_shape=spec.submesh_shape,
+        logical_shape=spec.logical_shape, device_ids=device_ids,
+        num_forward_ops=len(gf.ops), num_backward_ops=len(gb.ops),
+        predicted_seconds=sol.objective,
+        inputs=tuple(_tensor_plan(names, graph, sol, t, mesh)
+                     for t in joint.invars),
+        strategies=tuple((op.name, sol.strategy_of.get(op.index, "follows"))
+                         for op in joint.ops if op.name in _HEAVY)))
+  report["stage_compile_seconds"] = time.perf_counter() - t0
+
+  averaged = {t for t in part.marked if t in produced}
+  update, update_sol, update_graph, update_mesh = _compile_update(
+      traced, pieces, averaged, option, devices)
+  clocks = clock_table(method.pipeline_schedule, len(stages), n)
+  batch_ids = [graph.invars[i] for i in sorted(sig.batch_inputs)]
+  program = emit_program(stages, update, clocks, graph.invars, batch_ids,
+                         averaged, n)
+  plan = PipeshardPlan(
+      stages=tuple(stage_plans),
+      schedule=tuple(" ".join(f"{kind}{s}.{m}" for kind, s, m in clock)
+                     for clock in clocks),
+      schedule_name=method.pipeline_schedule.value,
+      num_micro_batches=n, num_layers=layers.num_layers,
+      layer_flops=layers.layer_flops,
+      update_plan=make_plan(
+          update_graph, update_sol,
+          tuple(names.get(t, f"%{t} (accumulated)")
+                for t in update_graph.invars),
+          len(update_graph.outvars), "update", option.cost_profile,
+          update_mesh, out_names=traced.out_names),
+      compile_report=tuple(sorted(report.items())))
+  ex = PipeshardExecutable(program, plan, traced.out_tree,
+                           time.perf_counter() - t_start, backend)
+  _progress.log(f"pipeline compiled in {ex.compile_seconds:.1f} s")
+  return ex

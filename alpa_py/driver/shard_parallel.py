@@ -1,0 +1,166 @@
+"""Compiling one step with ShardParallel and its constrained variants.
+
+A compile is a chain of passes over frozen values::
+
+  Signature --trace_step--> TracedStep --plan_step--> ShardingSolution
+            --lower_and_compile--> Executable
+
+``compile_shard_parallel`` runs the chain, with the memory-budget retry as a
+wrapper around the last two passes: when XLA's compiled step needs more
+memory than the budget, the ILP's budget is tightened and the step re-planned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+from jax.sharding import Mesh
+
+from alpa_py import _progress
+from alpa_py.compiler import accumulation
+from alpa_py.compiler.auto_sharding import (InfeasiblePlanError,
+                                            ShardingSolution, run_auto_sharding)
+from alpa_py.compiler.cluster_env import LogicalMesh, get_profile
+from alpa_py.compiler.lowering import io_shardings, make_mesh, make_step_fn
+from alpa_py.compiler.program import Task
+from alpa_py.compiler.strategies.spec import FORBIDDEN_PENALTY
+from alpa_py.driver.config import ShardConfig
+from alpa_py.driver.executable import Executable
+from alpa_py.driver.layout import input_specs
+from alpa_py.driver.plans import (ShardingPlan, SolveStats, make_plan,
+                                  solve_stats)
+from alpa_py.driver.signature import Signature
+from alpa_py.driver.tracing import TracedStep, trace_step
+from alpa_py.methods import InputLayout
+from alpa_py.runtime.backend import Backend
+
+_BUDGET_ATTEMPTS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedStep:
+  """The best solution over the candidate meshes."""
+
+  solution: ShardingSolution
+  candidates: tuple[tuple[tuple[int, ...], float], ...]
+
+
+def plan_step(traced: TracedStep, sig: Signature, config: ShardConfig,
+              memory_budget: float | None) -> PlannedStep:
+  """Runs the intra-op pass on each candidate mesh; keeps the cheapest.
+
+  Raises:
+    InfeasiblePlanError: no candidate mesh has a plan under the budget.
+  """
+  profile = get_profile(config.option.cost_profile)
+  option = dataclasses.replace(config.option,
+                               memory_budget_per_device=memory_budget)
+  penalty = 0.0 if config.layout is InputLayout.AUTO else FORBIDDEN_PENALTY
+  best, candidates, failures = None, [], []
+  for shape in config.mesh_shapes:
+    try:
+      sol = run_auto_sharding(
+          traced.graph, LogicalMesh(shape, profile), option,
+          input_specs=input_specs(config.layout, sig, shape,
+                                  traced.input_shapes),
+          aliases=traced.graph_aliases, alias_penalty=penalty)
+    except InfeasiblePlanError as e:
+      failures.append(e)
+      continue
+    candidates.append((shape, sol.objective))
+    if best is None or sol.objective < best.objective - 1e-15:
+      best = sol
+  if best is None:
+    raise failures[0]
+  return PlannedStep(best, tuple(candidates))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+  """The compiled program and its plan, not yet loaded on a backend."""
+
+  task: Task
+  plan: ShardingPlan
+  mesh: Mesh
+  stats: SolveStats
+
+
+def lower_and_compile(traced: TracedStep, planned: PlannedStep, sig: Signature,
+                      config: ShardConfig, t_start: float) -> CompiledStep:
+  """Constrains the step to the plan and compiles it with XLA."""
+  graph, best = traced.graph, planned.solution
+  n = traced.num_micro_batches
+  mesh = make_mesh(sig.devices, best.mesh_shape)
+  if n == 1:
+    fn = make_step_fn(graph, best, mesh)
+  else:
+    part = accumulation.partition(graph, sig.batch_inputs, n, traced.out_names)
+    fn = accumulation.make_accumulating_fn(graph, best, mesh, part,
+                                           sig.batch_inputs, n)
+  ins, outs = io_shardings(graph, best, mesh)
+  arg_specs = [aval.sds(sharding=sh) for aval, sh in zip(sig.avals, ins)]
+  with _progress.step("XLA lowering + compile"):
+    task = Task.compile(fn, arg_specs, range(len(ins)), range(len(outs)), ins,
+                        outs, donate_argnums=sig.donated_inputs)
+  plan = make_plan(graph, best, sig.paths, len(graph.outvars),
+                   config.method_name, config.option.cost_profile, mesh,
+                   num_micro_batches=n, out_names=traced.out_names,
+                   input_shapes=[a.shape for a in sig.avals])
+  stats = solve_stats(best, planned.candidates, time.perf_counter() - t_start)
+  return CompiledStep(task, plan, mesh, stats)
+
+
+def with_budget_retry(compile_once: Callable[[float | None], CompiledStep],
+                      budget: float | None) -> CompiledStep:
+  """Runs ``compile_once(ilp_budget)`` until XLA's step fits ``budget``.
+
+  XLA's buffer assignment (resharding temporaries, fusion buffers) may need
+  more than the ILP's liveness model counted: each retry scales the ILP's
+  budget by what was missed.
+
+  Raises:
+    InfeasiblePlanError: no plan fits after a few attempts.
+  """
+  ilp_budget = budget
+  best_bytes = None  # smallest XLA memory seen over the re-plans
+  for attempt in range(_BUDGET_ATTEMPTS):
+    try:
+      step = compile_once(ilp_budget)
+    except InfeasiblePlanError as e:
+      if attempt == 0:
+        raise
+      raise InfeasiblePlanError(
+          f"no plan fits memory_budget_per_device={budget:.0f} bytes: the "
+          f"smallest plan XLA compiled needs {best_bytes} bytes per device, and "
+          f"tighter plans are infeasible ({e}). Raise the budget or use more "
+          "devices.") from None
+    used = step.task.memory()
+    if budget is None or used <= budget:
+      return step
+    best_bytes = used if attempt == 0 else min(best_bytes, used)
+    ilp_budget = ilp_budget * budget / used * 0.95
+    _progress.log(f"XLA's step needs {used} bytes per device, above the budget "
+                  f"{budget:.0f}; re-planning with an ILP budget of "
+                  f"{ilp_budget:.0f}")
+  raise InfeasiblePlanError(
+      f"no plan fits memory_budget_per_device={budget:.0f} bytes: after "
+      f"{_BUDGET_ATTEMPTS} plans the smallest XLA compiled needs "
+      f"{best_bytes} bytes per device. Raise the budget or use more devices.")
+
+
+def compile_shard_parallel(fun: Callable, sig: Signature, config: ShardConfig,
+                           backend: Backend) -> Executable:
+  """Compiles ``fun`` for the call signature ``sig``: trace, then plan and
+  compile under the memory budget."""
+  t_start = time.perf_counter()
+  traced = trace_step(fun, sig, config.num_micro_batches)
+
+  def compile_once(ilp_budget):
+    planned = plan_step(traced, sig, config, ilp_budget)
+    return lower_and_compile(traced, planned, sig, config, t_start)
+
+  step = with_budget_retry(compile_once, config.memory_budget)
+  return Executable(step.task, step.plan, step.mesh, step.stats,
+                    traced.out_tree, backend)

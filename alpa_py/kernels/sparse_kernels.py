@@ -1,0 +1,179 @@
+"""Gather-and-accumulate operators over a union of firing neurons.
+
+Given a :class:`~alpa_py.kernels.firing_index.FiringIndex` (the stored
+correlations ``corr[m_pad, n]`` of a shifted-ReLU layer over its training
+set) and a union of K neuron ids, :func:`forward` (the outputs, O(nK)) and
+:func:`transpose_apply` (``J^T v`` of the union's rows, O(nKd)) read the
+stored correlations instead of recomputing them (n points, d features).
+
+Each has a Pallas kernel (``backend="pallas"``; interpreted off GPU) and a
+pure-jnp reference. ``backend="auto"`` is the reference everywhere for now:
+the kernels have been checked in interpret mode only, not lowered on a GPU.
+
+:func:`dense_forward` is the same layer computed densely from ``W`` and
+``X`` (O(nmd)), with the index's matmul precision so that both agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from alpa_py.kernels import _backend
+from alpa_py.kernels.firing_index import correlations
+from alpa_py.kernels.firing_index import FiringIndex
+
+BACKENDS = ("auto", "pallas", "reference")
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseBlockSizes:
+  """Tile sizes of the Pallas kernels.
+
+  Attributes:
+    block_n: points per program of the forward kernel.
+    block_k: union slots per program of the transpose kernel.
+  """
+
+  block_n: int = 128
+  block_k: int = 16
+
+
+def _gather_weights(a, ids):
+  return jnp.take(a, ids, mode="fill", fill_value=0).astype(jnp.float32)
+
+
+def forward_reference(corr, ids, a, b):
+  """``f[i] = sum_j a[ids_j] * relu(corr[ids_j, i] - b)`` in plain jnp."""
+  rows = corr[ids]  # [K, n]
+  return jnp.dot(_gather_weights(a, ids), jnp.maximum(rows - b, 0.0),
+                 precision=_HIGHEST)
+
+
+def transpose_apply_reference(corr, X, ids, a, b, v):
+  """``G[j] = a[ids_j] * sum_i v_i [corr[ids_j, i] > b] x_i``: J^T v per slot."""
+  rows = corr[ids]
+  coef = jnp.where(rows > b, v[None, :], 0.0)
+  return _gather_weights(a, ids)[:, None] * jnp.dot(coef, X,
+                                                    precision=_HIGHEST)
+
+
+def _forward_kernel(ids_ref, w_ref, b_ref, corr_ref, out_ref, *, num_ids,
+                    block_n):
+  i = pl.program_id(0)
+  cols = pl.ds(i * block_n, block_n)
+  b = b_ref[0]
+
+  def step(j, acc):
+    row = corr_ref[ids_ref[j], cols]
+    return acc + w_ref[j] * jnp.maximum(row - b, 0.0)
+
+  out_ref[cols] = jax.lax.fori_loop(0, num_ids, step,
+                                    jnp.zeros((block_n,), jnp.float32))
+
+
+def _transpose_kernel(ids_ref, w_ref, b_ref, v_ref, corr_ref, x_ref, g_ref, *,
+                      block_k):
+  c = pl.program_id(0)
+  b = b_ref[0]
+  v = v_ref[...]
+  x = x_ref[...]
+
+  def step(j, carry):
+    slot = c * block_k + j
+    row = corr_ref[ids_ref[slot], :]
+    coef = jnp.where(row > b, v, 0.0)
+    g_ref[slot, :] = w_ref[slot] * jnp.sum(coef[:, None] * x, axis=0)
+    return carry
+
+  jax.lax.fori_loop(0, block_k, step, 0)
+
+
+def _pad1(x, multiple, value):
+  extra = -x.shape[0] % multiple
+  return jnp.pad(x, (0, extra), constant_values=value) if extra else x
+
+
+def forward_pallas(corr, ids, a, b, *, blocks=SparseBlockSizes(),
+                   interpret=None):
+  """Pallas version of :func:`forward_reference`.
+
+  One program per tile of ``block_n`` points loops over the union's slots,
+  loading each firing neuron's correlations (a contiguous row slice) and
+  accumulating ``a_r * relu(c - b)`` in float32.
+  """
+  interpret = _backend.default_interpret() if interpret is None else interpret
+  m_pad, n = corr.shape
+  # tiles of block_n points when they divide n, else one tile (no copy of
+  # the index to pad it)
+  bn = blocks.block_n if n % blocks.block_n == 0 else n
+  w = _gather_weights(a, ids)
+  full = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, num_ids=ids.shape[0], block_n=bn),
+      out_shape=jax.ShapeDtypeStruct((n,), jnp.float32),
+      grid=(n // bn,),
+      in_specs=[full(ids.shape), full(w.shape), full((1,)), full(corr.shape)],
+      out_specs=full((n,)),
+      interpret=interpret,
+  )(ids, w, jnp.reshape(jnp.float32(b), (1,)), corr)
+
+
+def transpose_apply_pallas(corr, X, ids, a, b, v, *, blocks=SparseBlockSizes(),
+                           interpret=None):
+  """Pallas version of :func:`transpose_apply_reference`.
+
+  One program per ``block_k`` union slots; each slot gathers its neuron's
+  correlation row, masks the firing points and accumulates ``v_i x_i``.
+  """
+  interpret = _backend.default_interpret() if interpret is None else interpret
+  m_pad = corr.shape[0]
+  k = ids.shape[0]
+  ids_p = _pad1(ids, blocks.block_k, m_pad - 1)  # a padding row: never fires
+  w = _gather_weights(a, ids_p)
+  full = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+  g = pl.pallas_call(
+      functools.partial(_transpose_kernel, block_k=blocks.block_k),
+      out_shape=jax.ShapeDtypeStruct((ids_p.shape[0], X.shape[1]), jnp.float32),
+      grid=(ids_p.shape[0] // blocks.block_k,),
+      in_specs=[full(ids_p.shape), full(w.shape), full((1,)), full(v.shape),
+                full(corr.shape), full(X.shape)],
+      out_specs=full((ids_p.shape[0], X.shape[1])),
+      interpret=interpret,
+  )(ids_p, w, jnp.reshape(jnp.float32(b), (1,)), v.astype(jnp.float32), corr,
+    X.astype(jnp.float32))
+  return g[:k]
+
+
+def _resolve(backend: str) -> str:
+  # "auto" is the jnp reference on every platform: these kernels have only
+  # been run interpreted (no GPU lowering checked yet); ask for "pallas".
+  return _backend.resolve(backend, BACKENDS, auto_on_gpu="reference")
+
+
+def forward(index: FiringIndex, ids, a, b, *, backend: str = "auto"):
+  """Outputs ``f(x_i) = sum_{r in ids} a_r relu(<w_r, x_i> - b)`` from the
+  stored correlations (no recomputation): O(nK)."""
+  if _resolve(backend) == "pallas":
+    return forward_pallas(index.corr, ids, a, b)
+  return forward_reference(index.corr, ids, a, b)
+
+
+def transpose_apply(index: FiringIndex, ids, a, b, v, *,
+                    backend: str = "auto"):
+  """``J^T v`` restricted to the neurons ``ids``: row j is
+  ``a_r sum_i v_i [r fires on i] x_i`` for ``r = ids[j]``: O(nKd)."""
+  if _resolve(backend) == "pallas":
+    return transpose_apply_pallas(index.corr, index.X, ids, a, b, v)
+  return transpose_apply_reference(index.corr, index.X, ids, a, b, v)
+
+
+def dense_forward(W, a, X, b):
+  """``relu(X W^T - b) a`` with the index's matmul precision."""
+  return jnp.dot(a, jnp.maximum(correlations(W, X) - b, 0.0),
+                 precision=_HIGHEST)

@@ -1,0 +1,108 @@
+"""The backend protocol, and the local backend.
+
+A backend owns the devices a step runs on and turns compiled programs into
+runners: ``step_runner`` for one SPMD program (ShardParallel and its
+variants), ``pipeline_runner`` for a ``PipelineProgram``. ``api.py`` asks the
+current backend (``cluster.current_cluster()``) and never branches on its
+kind. The Ray backend is ``ray_cluster.RayCluster``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Protocol, Sequence
+
+import jax
+
+from alpa_py.compiler.pipeline_program import PipelineProgram
+from alpa_py.compiler.program import Task
+from alpa_py.runtime.pipeshard import LocalPipelineRunner
+
+_serials = itertools.count(1)
+
+
+def next_serial() -> int:
+  """A number no other backend of this process has (for cache keys: an
+  ``id()`` may be reused after a backend is freed)."""
+  return next(_serials)
+
+
+class Runner(Protocol):
+  """A loaded step: flat inputs in, flat outputs out."""
+
+  def call_flat(self, leaves: Sequence[Any]) -> list: ...
+
+
+class Backend(Protocol):
+  """Where steps run.
+
+  Attributes:
+    kind: "local" or "ray".
+    devices: the devices plans are made for (on Ray, the driver's stand-ins).
+    serial: unique per backend in this process; part of executable keys.
+    alive: False once shut down.
+  """
+
+  kind: str
+  devices: tuple[Any, ...]
+  serial: int
+  alive: bool
+
+  def step_runner(self, task: Task) -> Runner: ...
+
+  def pipeline_runner(self, program: PipelineProgram) -> Runner: ...
+
+  def shutdown(self) -> None: ...
+
+
+def blocks(devices) -> bool:
+  """Whether to wait for each step: XLA's CPU collectives stall when many
+  sharded steps are in flight."""
+  return all(d.platform == "cpu" for d in devices)
+
+
+class LocalStepRunner:
+  """Runs one compiled SPMD program on this process's devices."""
+
+  def __init__(self, task: Task):
+    self.task = task
+    self._block = blocks(task.in_shardings[0].mesh.devices.flat) \
+        if task.in_shardings else False
+
+  def call_flat(self, leaves) -> list:
+    placed = []
+    for x, s in zip(leaves, self.task.in_shardings):
+      if not (isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim)):
+        x = jax.device_put(x, s)
+      placed.append(x)
+    outs = self.task.compiled(*placed)
+    if self._block:
+      jax.block_until_ready(outs)
+    return list(outs)
+
+
+class LocalBackend:
+  """The devices of this process (e.g. 8 simulated CPU devices)."""
+
+  kind = "local"
+
+  def __init__(self, devices=None):
+    self.devices = tuple(jax.devices() if devices is None else devices)
+    self.serial = next_serial()
+    self.alive = True
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
+
+  def step_runner(self, task: Task) -> LocalStepRunner:
+    return LocalStepRunner(task)
+
+  def pipeline_runner(self, program: PipelineProgram) -> LocalPipelineRunner:
+    return LocalPipelineRunner(program, blocks(self.devices))
+
+  def shutdown(self) -> None:
+    self.alive = False
+
+  def __repr__(self):
+    return f"<alpa_py local backend, {len(self.devices)} devices>"
