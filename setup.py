@@ -20,13 +20,14 @@ setup(
         "numpy>=1.26,<3",
         "ray>=2.40,<3",
         "flatbuffers>=24.3,<26",
+        # `alpa-py bench` and the simulations draw their figures
+        "matplotlib>=3.8,<4",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7"],
         "gpu": ["cupy-cuda13x>=13,<15"],
-        # benchmarks/newton.py: digits data, plots, the jaxopt baseline
-        "bench": ["scikit-learn>=1.4,<2", "matplotlib>=3.8,<4",
-                  "jaxopt>=0.8,<0.9"],
+        # benchmarks/newton.py: digits data and the jaxopt baseline
+        "bench": ["scikit-learn>=1.4,<2", "jaxopt>=0.8,<0.9"],
     },
     entry_points={"console_scripts": ["alpa-py=alpa_py.cli:main"]},
 )

@@ -117,3 +117,34 @@ def test_alpa_grad_matches_jax_grad():
   np.testing.assert_allclose(jax.jit(alpa_py.grad(f))(w, x), jax.grad(f)(w, x))
   hess = jax.jacfwd(alpa_py.grad(f))(w, x)
   np.testing.assert_allclose(hess, jax.jacfwd(jax.grad(f))(w, x), rtol=1e-5)
+
+
+def test_init_twice_and_a_call_after_shutdown_are_clear_errors():
+  from alpa_py.runtime.distributed_array import (ClusterGoneError,
+                                                 DistributedArray)
+
+  def f(x, y):
+    return jnp.tanh(x @ y)
+
+  x, y = jnp.ones((16, 32)), jnp.ones((32, 8)) * 0.1
+  alpa_py.init(cluster="local")
+  try:
+    with pytest.raises(RuntimeError, match="init was already called .*"
+                       "shutdown\\(\\) first"):
+      alpa_py.init(cluster="local")
+    par = alpa_py.parallelize(f)
+    ex = par.get_executable(x, y)
+    backend = alpa_py.runtime.cluster.current_cluster()
+  finally:
+    alpa_py.shutdown()
+  # an executable compiled for the released backend refuses to run ...
+  with pytest.raises(ClusterGoneError, match="shutdown\\(\\) released"):
+    ex.call_flat([x, y])
+  # ... while the parallelized function compiles again for the current one
+  np.testing.assert_allclose(par(x, y), f(x, y), rtol=1e-5)
+  assert par.get_executable(x, y) is not ex
+  # an array held by a backend that is gone says so when read
+  gone = DistributedArray(backend, handle=1, shape=(2,), dtype="float32")
+  with pytest.raises(ClusterGoneError, match="shut down"):
+    np.asarray(gone)
+  assert isinstance(gone, DistributedArray)

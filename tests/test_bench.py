@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 
 import pytest
 
@@ -12,10 +11,11 @@ from alpa_py.compiler import hlo_stats
 
 
 def test_quick_bench_writes_every_figure(tmp_path, capsys):
-  assert cli.main(["bench", "--quick", "--suite", "gpt", "--no-plot",
+  assert cli.main(["bench", "--quick", "--suite", "gpt", "--config", "tiny",
                    "--profiles", "cpu,a100_8x_nvlink_100gbps",
                    "--out", str(tmp_path)]) == 0
   result = json.loads((tmp_path / "gpt_tiny.json").read_text())
+  assert (tmp_path / "gpt_tiny.png").read_bytes()[:4] == b"\x89PNG"
   plans = {r["plan"] for r in result["rows"]}
   assert plans == {"jit", "data", "zero2", "zero3", "auto", "megatron"}
   for r in result["rows"]:

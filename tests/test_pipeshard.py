@@ -124,3 +124,24 @@ def test_instruction_list_is_explicit():
   assert len(produced) > 0
   par(state, batch)
   assert ex.last_run_stats.tasks == 16
+
+
+def test_local_pipeline_runs_the_one_interpreter(monkeypatch):
+  """The local backend runs runtime.pipeline_interpreter.interpret (the Ray
+  workers run the same function: test_ray checks that side)."""
+  from alpa_py.runtime import pipeline_interpreter as pi
+  seen = []
+  original = pi.interpret
+
+  def counting(program, transport):
+    seen.append(type(transport).__name__)
+    return original(program, transport)
+
+  monkeypatch.setattr(pi, "interpret", counting)
+  state, batch, step = mlp_pipeline()
+  par = alpa_py.parallelize(step, method=alpa_py.PipeshardParallel(
+      num_micro_batches=2, stage_option=U(num_stages=2)))
+  out, loss = par(state, batch)
+  _, ref_loss = jax.jit(step)(state, batch)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+  assert seen == ["LocalTransport"]

@@ -199,3 +199,32 @@ def test_stage_spanning_hosts_is_rejected(two_hosts):
           ((0,), (1, 2, 3)), ((1, 2), (1, 6))))
   with pytest.raises(ValueError, match="each stage must fit in one host"):
     alpa_py.parallelize(step, method=method)(state, batch)
+
+
+def test_ray_pipeline_runs_the_one_interpreter(two_hosts):
+  """Each worker runs its stages with runtime.pipeline_interpreter.interpret,
+  the function the local backend calls (test_pipeshard checks that side)."""
+  from pipeline_models import mlp_pipeline
+  state, batch, step = mlp_pipeline()
+
+  def install(worker):
+    from alpa_py.runtime import pipeline_interpreter as pi
+    original = pi.interpret
+    worker.interpreted = []
+
+    def counting(program, transport):
+      worker.interpreted.append(type(transport).__name__)
+      return original(program, transport)
+
+    pi.interpret = counting
+    return True
+
+  ray.get([w.__ray_call__.remote(install) for w in two_hosts.workers])
+  par = alpa_py.parallelize(step, method=alpa_py.PipeshardParallel(
+      num_micro_batches=2, stage_option=alpa_py.UniformStageOption(num_stages=2)))
+  out, loss = par(state, batch)
+  ref, ref_loss = jax.jit(step)(state, batch)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
+  calls = ray.get([w.__ray_call__.remote(lambda w: list(w.interpreted))
+                   for w in two_hosts.workers])
+  assert calls == [["WorkerTransport"], ["WorkerTransport"]]

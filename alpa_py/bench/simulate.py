@@ -24,7 +24,7 @@ import time
 import jax
 
 from alpa_py.bench import configs
-from alpa_py.compiler.auto_sharding import InfeasiblePlanError
+from alpa_py import InfeasiblePlanError
 from alpa_py.compiler.cluster_env import get_profile
 from alpa_py.driver.analysis import StepAnalysis
 

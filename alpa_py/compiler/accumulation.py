@@ -27,8 +27,8 @@ import jax.numpy as jnp
 
 from alpa_py.compiler.auto_sharding import ShardingSolution
 from alpa_py.compiler.graph import Literal, OpGraph, evaluate
-from alpa_py.compiler.lowering import constraint_hooks, named_sharding
-from alpa_py.compiler.strategies.spec import replicated
+from alpa_py.compiler.lowering import (constraint_hooks, named_sharding,
+                                       tensor_spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +110,7 @@ def make_accumulating_fn(graph: OpGraph, solution: ShardingSolution, mesh,
   batch_ids = [graph.invars[i] for i in sorted(batch_inputs)]
 
   def spec(t):
-    s = solution.spec_of.get(t)
-    return s if s is not None else replicated(len(graph.tensor(t).shape))
+    return tensor_spec(graph, solution, t)
 
   def step(*flat_args):
     env = dict(zip(graph.invars, flat_args))

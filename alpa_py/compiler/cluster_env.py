@@ -25,6 +25,13 @@ import os
 import pathlib
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from alpa_py import _progress
+
 GiB = 1 << 30
 
 
@@ -111,11 +118,6 @@ def measure_cpu_profile(devices=None) -> CostProfile:
   All devices run at once, as they do in a sharded step, so that the figures
   include their contention for the host's cores.
   """
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
   devices = list(devices or jax.devices())
   n = len(devices)
   mesh = Mesh(np.array(devices), ("d",),
@@ -169,7 +171,6 @@ def get_profile(name: str) -> CostProfile:
   if name != "cpu":
     raise ValueError(f"unknown cost_profile {name!r}; choose one of "
                      f"{PROFILE_NAMES}")
-  import jax
   n = jax.device_count()
   path = _cache_dir() / f"profile-cpu-{jax.__version__}-{n}dev.json"
   if path.exists():
@@ -177,7 +178,6 @@ def get_profile(name: str) -> CostProfile:
       return CostProfile(**json.loads(path.read_text()))
     except (ValueError, TypeError):
       pass  # a stale or partial file: measure again
-  from alpa_py import _progress
   _progress.log(f"measuring the cpu cost profile on {n} devices (once; cached "
                 f"in {path})")
   profile = measure_cpu_profile()

@@ -26,6 +26,7 @@ import sys
 import time
 
 import numpy as np
+from ortools.linear_solver import pywraplp
 
 from alpa_py.compiler import ilp_reduce
 # Re-exported: callers build and read problems through ``ilp`` alone.
@@ -83,7 +84,6 @@ def _solve_core(problem: Problem) -> Solution | Infeasible:
 
 def _solve_mip(problem: Problem, relax: bool) -> Solution | Infeasible:
   """Builds and solves the model with CBC, or its LP relaxation with GLOP."""
-  from ortools.linear_solver import pywraplp
 
   t0 = time.perf_counter()
   # HiGHS (shipped with OR-Tools) solves these LPs ~15x faster than GLOP

@@ -21,8 +21,8 @@ from typing import Sequence
 
 from alpa_py.compiler.graph import Op, OpGraph
 from alpa_py.compiler.markers import PIPELINE_BOUNDARY, PIPELINE_SEED
+from alpa_py.compiler.strategies.registry import is_heavy
 
-_HEAVY = ("dot_general", "conv_general_dilated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +139,7 @@ def cluster_layers(flops: Sequence[float], cut_bytes: Sequence[float],
 def _atoms(fwd_ops: list[Op]) -> list[list[Op]]:
   atoms: list[list[Op]] = []
   for op in fwd_ops:
-    if not atoms or (op.name in _HEAVY and any(o.name in _HEAVY for o in atoms[-1])):
+    if not atoms or (is_heavy(op.name) and any(is_heavy(o.name) for o in atoms[-1])):
       atoms.append([op])
     else:
       atoms[-1].append(op)

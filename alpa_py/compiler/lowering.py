@@ -16,7 +16,6 @@ from jax.sharding import Mesh, NamedSharding
 
 from alpa_py.compiler.auto_sharding import ShardingSolution
 from alpa_py.compiler.graph import Literal, OpGraph, evaluate
-from alpa_py.compiler.program import make_mesh as make_mesh
 from alpa_py.compiler.strategies.spec import replicated, to_partition_spec
 
 def named_sharding(mesh: Mesh, spec) -> NamedSharding:

@@ -147,11 +147,6 @@ def submesh_choices(num_devices: int,
   return [(1, d) for d in sizes]
 
 
-def logical_shapes(submesh: tuple[int, int]) -> list[tuple[int, int]]:
-  n = math.prod(submesh)
-  return [(a, n // a) for a in range(1, n + 1) if n % a == 0]
-
-
 def stage_dp(num_layers: int, num_devices: int, sizes: Sequence[int],
              cost: Callable[[int, int, int], float], num_micro_batches: int):
   """The stage-construction DP.

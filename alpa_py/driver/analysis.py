@@ -17,6 +17,7 @@ from alpa_py.compiler.auto_sharding import ShardingSolution, run_auto_sharding
 from alpa_py.compiler.cluster_env import LogicalMesh, get_profile
 from alpa_py.compiler.graph import OpGraph
 from alpa_py.compiler.options import AutoShardingOption
+from alpa_py.compiler.strategies.registry import is_heavy
 from alpa_py.compiler.strategies.spec import FORBIDDEN_PENALTY, Spec
 from alpa_py.driver.config import ShardConfig
 from alpa_py.driver.shard_parallel import plan_step
@@ -55,7 +56,7 @@ class StepAnalysis:
   def matmul_flops(self) -> float:
     """FLOPs of the step's dots and convolutions."""
     return sum(op.flops for op in self.graph.ops
-               if op.name in ("dot_general", "conv_general_dilated"))
+               if is_heavy(op.name))
 
   def solve(self, mesh_shape: tuple[int, ...], profile: str, *,
             input_specs: dict[int, list[Spec]] | None = None,

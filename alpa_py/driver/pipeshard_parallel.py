@@ -23,12 +23,13 @@ from alpa_py.compiler.cluster_env import (LogicalMesh, get_profile,
 from alpa_py.compiler.graph import OpGraph, evaluate, subgraph
 from alpa_py.compiler.layers import assign_layers
 from alpa_py.compiler.lowering import (constraint_hooks, io_shardings,
-                                       make_mesh, tensor_spec)
+                                       tensor_spec)
 from alpa_py.compiler.options import AutoShardingOption
 from alpa_py.compiler.pipeline_program import StageProgram, emit_program
-from alpa_py.compiler.program import Task
+from alpa_py.compiler.program import Task, make_mesh
 from alpa_py.compiler.schedules import clock_table
 from alpa_py.compiler.stages import ManualStageOption, UniformStageOption
+from alpa_py.compiler.strategies.registry import is_heavy
 from alpa_py.compiler.strategies.spec import to_partition_spec
 from alpa_py.driver.executable import PipeshardExecutable
 from alpa_py.driver.plans import PipeshardPlan, StagePlan, TensorPlan, make_plan
@@ -39,9 +40,6 @@ from alpa_py.driver.stage_construction import (Pieces, auto_stages,
 from alpa_py.driver.tracing import TracedStep, trace_step
 from alpa_py.methods import PipeshardParallel
 from alpa_py.runtime.backend import Backend
-
-_HEAVY = ("dot_general", "conv_general_dilated")
-
 
 def _update_ops(graph: OpGraph, pieces: Pieces, averaged: set):
   """The update's ops: the post part, and the pre ops it needs that do not
@@ -114,6 +112,38 @@ def _tensor_plan(names: dict, graph: OpGraph, sol, t, mesh) -> TensorPlan:
                                       mesh.axis_names))
 
 
+def _compile_stages(pieces: Pieces, specs, devices, option: AutoShardingOption,
+                    names: dict):
+  """Per stage, its intra-op plan and two compiled programs: (the
+  ``StageProgram``s, their ``StagePlan``s)."""
+  graph = pieces.graph
+  profile = get_profile(option.cost_profile)
+  stages, stage_plans = [], []
+  for k, spec in enumerate(specs):
+    try:
+      sol, joint, gf, gb = solve_stage(pieces, *spec.layers, spec.logical_shape,
+                                       option, profile)
+    except InfeasiblePlanError as e:
+      raise InfeasiblePlanError(f"stage {k} (layers {spec.layers[0]}-"
+                                f"{spec.layers[1] - 1}) fits no plan on its "
+                                f"submesh {spec.submesh_shape}: {e}") from None
+    sub = devices[spec.device_range[0]:spec.device_range[1]]
+    mesh = make_mesh(sub, spec.logical_shape)
+    f, b = compile_task(gf, sol, mesh), compile_task(gb, sol, mesh)
+    device_ids = tuple(d.id for d in sub)
+    stages.append(StageProgram(k, f, b, device_ids, tuple(spec.logical_shape)))
+    stage_plans.append(StagePlan(
+        index=k, layers=spec.layers, submesh_shape=spec.submesh_shape,
+        logical_shape=spec.logical_shape, device_ids=device_ids,
+        num_forward_ops=len(gf.ops), num_backward_ops=len(gb.ops),
+        predicted_seconds=sol.objective,
+        inputs=tuple(_tensor_plan(names, graph, sol, t, mesh)
+                     for t in joint.invars),
+        strategies=tuple((op.name, sol.strategy_of.get(op.index, "follows"))
+                         for op in joint.ops if is_heavy(op.name))))
+  return stages, stage_plans
+
+
 def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
                       backend: Backend) -> PipeshardExecutable:
   """Compiles ``fun`` for the call signature ``sig`` as a pipeline."""
@@ -140,35 +170,12 @@ def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
       f"layers {s.layers[0]}-{s.layers[1] - 1} on {s.submesh_shape} as "
       f"{s.logical_shape}" for s in specs))
 
-  profile = get_profile(option.cost_profile)
   names = dict(zip(graph.invars, sig.paths))
-  stages, stage_plans, produced = [], [], set()
   t0 = time.perf_counter()
-  for k, spec in enumerate(specs):
-    try:
-      sol, joint, gf, gb = solve_stage(pieces, *spec.layers, spec.logical_shape,
-                                       option, profile)
-    except InfeasiblePlanError as e:
-      raise InfeasiblePlanError(f"stage {k} (layers {spec.layers[0]}-"
-                                f"{spec.layers[1] - 1}) fits no plan on its "
-                                f"submesh {spec.submesh_shape}: {e}") from None
-    sub = devices[spec.device_range[0]:spec.device_range[1]]
-    mesh = make_mesh(sub, spec.logical_shape)
-    f, b = compile_task(gf, sol, mesh), compile_task(gb, sol, mesh)
-    produced.update(f.out_ids + b.out_ids)
-    device_ids = tuple(d.id for d in sub)
-    stages.append(StageProgram(k, f, b, device_ids, tuple(spec.logical_shape)))
-    stage_plans.append(StagePlan(
-        index=k, layers=spec.layers, submesh_shape=spec.submesh_shape,
-        logical_shape=spec.logical_shape, device_ids=device_ids,
-        num_forward_ops=len(gf.ops), num_backward_ops=len(gb.ops),
-        predicted_seconds=sol.objective,
-        inputs=tuple(_tensor_plan(names, graph, sol, t, mesh)
-                     for t in joint.invars),
-        strategies=tuple((op.name, sol.strategy_of.get(op.index, "follows"))
-                         for op in joint.ops if op.name in _HEAVY)))
+  stages, stage_plans = _compile_stages(pieces, specs, devices, option, names)
   report["stage_compile_seconds"] = time.perf_counter() - t0
 
+  produced = {t for st in stages for t in st.forward.out_ids + st.backward.out_ids}
   averaged = {t for t in part.marked if t in produced}
   update, update_sol, update_graph, update_mesh = _compile_update(
       traced, pieces, averaged, option, devices)

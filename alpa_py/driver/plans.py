@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec
 from alpa_py.compiler.auto_sharding import ShardingSolution
 from alpa_py.compiler.graph import OpGraph
 from alpa_py.compiler.lowering import tensor_spec
+from alpa_py.compiler.strategies.registry import is_heavy
 from alpa_py.compiler.strategies.spec import to_partition_spec
 
 
@@ -202,7 +203,7 @@ def make_plan(graph: OpGraph, sol: ShardingSolution, paths, out_count,
     outputs.append(TensorPlan(name, shape, dtype, to_partition_spec(spec, names)))
   ops = []
   for op in graph.ops:
-    if op.name in ("dot_general", "conv_general_dilated"):
+    if is_heavy(op.name):
       out_t = op.outputs[0]
       ops.append(OpPlan(op.index, op.name, _shapes_str(graph, op),
                         sol.strategy_of.get(op.index, "follows operand"),

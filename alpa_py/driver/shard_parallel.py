@@ -23,8 +23,8 @@ from alpa_py.compiler import accumulation
 from alpa_py.compiler.auto_sharding import (InfeasiblePlanError,
                                             ShardingSolution, run_auto_sharding)
 from alpa_py.compiler.cluster_env import LogicalMesh, get_profile
-from alpa_py.compiler.lowering import io_shardings, make_mesh, make_step_fn
-from alpa_py.compiler.program import Task
+from alpa_py.compiler.lowering import io_shardings, make_step_fn
+from alpa_py.compiler.program import Task, make_mesh
 from alpa_py.compiler.strategies.spec import FORBIDDEN_PENALTY
 from alpa_py.driver.config import ShardConfig
 from alpa_py.driver.executable import Executable

@@ -18,14 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from alpa_py.compiler.auto_sharding import InfeasiblePlanError, run_auto_sharding
-from alpa_py.compiler.cluster_env import LogicalMesh
+from alpa_py.compiler.cluster_env import LogicalMesh, mesh_factorizations
 from alpa_py.compiler.graph import OpGraph, subgraph
-from alpa_py.compiler.lowering import io_shardings, make_mesh, make_step_fn
+from alpa_py.compiler.lowering import io_shardings, make_step_fn
 from alpa_py.compiler.options import AutoShardingOption
-from alpa_py.compiler.program import Task
+from alpa_py.compiler.program import Task, make_mesh
 from alpa_py.compiler.stages import (AutoStageOption, CostSource,
                                      ManualStageOption, StageSpec,
-                                     UniformStageOption, logical_shapes,
+                                     UniformStageOption,
                                      stage_dp, submesh_choices)
 
 
@@ -163,7 +163,7 @@ def _signature(graph: OpGraph) -> tuple:
 def _distinct_logical_shapes(size: int) -> list[tuple[int, int]]:
   """Logical meshes for a submesh of ``size`` devices, mirror images dropped
   ((d, 1) is (1, d); (4, 2) prices like (2, 4) on one node's links)."""
-  return [(a, b) for a, b in logical_shapes((1, size)) if a <= b]
+  return [(a, b) for a, b in mesh_factorizations(size) if a <= b]
 
 
 def auto_stages(stage_option: AutoStageOption, pieces: Pieces, num_devices,

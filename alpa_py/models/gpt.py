@@ -6,6 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from alpa_py.compiler.markers import mark_pipeline_boundary
+from alpa_py.models.lora import LoRADense
+
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
@@ -67,7 +70,6 @@ def causal_attention(q, k, v):
 
 def _dense(cfg: GPTConfig, features: int, name: str, ids):
   if cfg.lora_adapters:
-    from alpa_py.models.lora import LoRADense
     layer = LoRADense(features, cfg.lora_adapters, cfg.lora_rank,
                       dtype=cfg.dtype, name=name)
     return lambda x: layer(x, ids)
@@ -116,7 +118,6 @@ class GPT(nn.Module):
     x = embed(tokens) + pos[None, :tokens.shape[1]].astype(cfg.dtype)
     for i in range(cfg.num_layers):
       if cfg.pipeline_boundaries and i > 0:
-        from alpa_py.compiler.markers import mark_pipeline_boundary
         mark_pipeline_boundary()
       x = Block(cfg, name=f"block_{i}")(x, ids)
     x = nn.LayerNorm(dtype=cfg.dtype)(x)

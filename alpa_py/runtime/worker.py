@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import os
 
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from alpa_py.compiler.program import make_mesh
 from alpa_py.runtime import pipeline_interpreter
 from alpa_py.runtime.ray_pipeshard import WorkerTransport
 
@@ -19,11 +24,12 @@ class HostWorker:
 
   def __init__(self, rank: int, num_hosts: int, coordinator: str,
                devices_per_host: int, platform: str):
+    # JAX reads these when its backend starts (the first device query
+    # below), not at import.
     if platform == "cpu":
       os.environ["XLA_FLAGS"] = (
           f"--xla_force_host_platform_device_count={devices_per_host}")
       os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
     if platform == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator,
@@ -34,7 +40,6 @@ class HostWorker:
     self.pipelines: dict = {}
 
   def info(self):
-    import jax
     return dict(rank=jax.process_index(), devices=jax.device_count(),
                 local_devices=jax.local_device_count(),
                 platform=jax.devices()[0].platform)
@@ -45,10 +50,6 @@ class HostWorker:
   def _load_task(self, task):
     """(callable, argument shardings) of a portable ``Task``: on this host's
     devices for a pipeline stage, on every host's for a global program."""
-    import jax
-    import numpy as np
-    from jax.sharding import NamedSharding
-    from alpa_py.compiler.program import make_mesh
     exported = jax.export.deserialize(task.blob)
     devs = jax.local_devices() if task.local_devices else jax.devices()
     mesh = make_mesh(devs[:int(np.prod(task.mesh_shape))], task.mesh_shape)
@@ -59,8 +60,6 @@ class HostWorker:
   def _inputs(self, args, shardings=None):
     """Step inputs from ("h", handle) / ("np", array) pairs; with
     ``shardings``, each placed in its argument's layout."""
-    import jax
-    import numpy as np
     vals = []
     for i, (kind, val) in enumerate(args):
       v = self.buffers[val] if kind == "h" else np.asarray(val)
@@ -78,7 +77,6 @@ class HostWorker:
     return vals
 
   def _keep(self, outs, out_handles):
-    import jax
     jax.block_until_ready(outs)
     for h, v in zip(out_handles, outs):
       self.buffers[h] = v
@@ -116,7 +114,6 @@ class HostWorker:
 
   def fetch(self, handle):
     """This host's shards of a buffer: [(index, ndarray)]."""
-    import numpy as np
     arr = self.buffers[handle]
     out = []
     for shard in arr.addressable_shards:

@@ -62,6 +62,12 @@ def follow_kind(name: str) -> Follow:
   return Follow.NONE if entry is None else entry.follow
 
 
+def is_heavy(name: str) -> bool:
+  """Whether ``name`` is a key op (dot, convolution; see ``RuleEntry``)."""
+  entry = RULES.get(name)
+  return entry is not None and entry.heavy
+
+
 def follows_min_shards(name: str) -> bool:
   """Whether a following op prefers its least-split output, cost second."""
   entry = RULES.get(name)

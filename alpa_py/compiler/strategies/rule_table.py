@@ -47,18 +47,21 @@ class RuleEntry:
       split into the fewest shards, cost second (a broadcast then leaves its
       new dims whole rather than splitting them because that looks cheaper
       here, whatever the consumers pay for it).
+    heavy: a key op (dot, convolution): its FLOPs dominate the step, plans
+      list its strategy, and layer clustering keeps two apart.
   """
 
   rule: Rule
   follow: Follow = Follow.NONE
   follow_min_shards: bool = False
+  heavy: bool = False
 
 
 RULES: dict[str, RuleEntry] = {}
 
 
 def register(*names: str, follow: Follow = Follow.NONE,
-             follow_min_shards: bool = False):
+             follow_min_shards: bool = False, heavy: bool = False):
   """Decorator: registers a rule for the named primitives.
 
   Raises:
@@ -66,7 +69,7 @@ def register(*names: str, follow: Follow = Follow.NONE,
   """
 
   def wrap(fn: Rule) -> Rule:
-    entry = RuleEntry(fn, follow, follow_min_shards)
+    entry = RuleEntry(fn, follow, follow_min_shards, heavy)
     for n in names:
       if n in RULES:
         raise ValueError(f"primitive `{n}` already has a sharding rule")

@@ -183,7 +183,7 @@ def reduce_rule(op, ins, outs):
 register("reduce_and", "reduce_or", "reduce_xor")(reduce_rule)
 
 
-@register("dot_general")
+@register("dot_general", heavy=True)
 def dot_rule(op, ins, outs):
   (lc, rc), (lb, rb) = op.params["dimension_numbers"]
   lhs, rhs = ins[0].shape, ins[1].shape
@@ -213,7 +213,7 @@ def dot_rule(op, ins, outs):
                   reduction="sum", labels=tuple(labels), is_matmul=True)
 
 
-@register("conv_general_dilated")
+@register("conv_general_dilated", heavy=True)
 def conv_rule(op, ins, outs):
   """Split batch, output features or input features; never spatial dims."""
   dn = op.params["dimension_numbers"]
