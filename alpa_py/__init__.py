@@ -3,6 +3,7 @@
 from alpa_py.api import parallelize as parallelize
 from alpa_py.api import ParallelizedFunc as ParallelizedFunc
 from alpa_py.compiler.auto_sharding import InfeasiblePlanError as InfeasiblePlanError
+from alpa_py.compiler.collectives import PlanMismatchWarning as PlanMismatchWarning
 from alpa_py.compiler.layers import AutoLayerOption as AutoLayerOption
 from alpa_py.compiler.layers import ManualLayerOption as ManualLayerOption
 from alpa_py.compiler.markers import grad as grad

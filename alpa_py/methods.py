@@ -40,6 +40,24 @@ def _freeze_devices(devices):
   return devices
 
 
+def _check_link_costs(costs, mesh_shape):
+  if mesh_shape is None:
+    raise ValueError("mesh_link_costs needs mesh_shape: it gives one (alpha, "
+                     "beta) pair per mesh axis")
+  try:
+    costs = tuple((float(a), float(b)) for a, b in costs)
+  except (TypeError, ValueError):
+    raise ValueError(f"mesh_link_costs (={costs!r}) must hold one (alpha "
+                     "seconds, beta seconds/byte) pair per mesh axis") from None
+  if len(costs) != len(mesh_shape):
+    raise ValueError(f"mesh_link_costs has {len(costs)} pair(s) but "
+                     f"mesh_shape {mesh_shape} has {len(mesh_shape)} axes; "
+                     "give one (alpha, beta) pair per axis")
+  if any(a < 0 or b < 0 for a, b in costs):
+    raise ValueError(f"mesh_link_costs (={costs}) must be non-negative")
+  return costs
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardParallel:
   """Intra-operator parallelism chosen by the ILP on one device mesh.
@@ -51,12 +69,17 @@ class ShardParallel:
     num_micro_batches: if set, the batch arguments are split along dim 0 and
       gradients (marked with ``alpa_py.grad``/``value_and_grad``) accumulated.
     auto_sharding_option: pass options.
+    mesh_link_costs: per axis of ``mesh_shape``, the (alpha seconds,
+      beta seconds per byte) of its links, e.g. ``((5e-6, 1 / 12.5e9),
+      (1e-6, 1 / 150e9))`` for an inter-node and an intra-node axis
+      (Alpa's ``mesh_alpha`` / ``mesh_beta``). None: from the cost profile.
   """
 
   devices: Sequence[Any] | None = None
   mesh_shape: tuple[int, ...] | None = None
   num_micro_batches: int | None = None
   auto_sharding_option: AutoShardingOption | None = None
+  mesh_link_costs: tuple[tuple[float, float], ...] | None = None
 
   input_layout = InputLayout.AUTO
 
@@ -73,6 +96,10 @@ class ShardParallel:
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
       raise ValueError(f"num_micro_batches (={n!r}) must be a positive int or "
                        "None")
+    if self.mesh_link_costs is not None:
+      object.__setattr__(self, "mesh_link_costs",
+                         _check_link_costs(self.mesh_link_costs,
+                                           self.mesh_shape))
     if self.auto_sharding_option is None:
       object.__setattr__(self, "auto_sharding_option", AutoShardingOption())
     elif not isinstance(self.auto_sharding_option, AutoShardingOption):

@@ -1,5 +1,6 @@
 """The ILP solver and its exact reduction against brute force."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -91,3 +92,31 @@ def test_result_reports_size_and_time():
   result = ilp.solve(problem)
   assert result.solve_seconds >= 0
   assert result.status in ("OPTIMAL", "FEASIBLE")
+
+
+@pytest.mark.parametrize("budget, feasible", [(100.0, True), (5.0, False)])
+def test_no_choice_left_under_a_budget(budget, feasible):
+  """Regression: nodes with one strategy each and a budget (6 bytes needed)
+  were reported infeasible with solver status 99 whatever the budget."""
+  problem = ilp.Problem(
+      ((1.0,), (2.0,)), (),
+      (ilp.MemoryConstraint(((0, (2.0,)), (1, (4.0,))), "peak"),),
+      memory_budget=budget)
+  result = ilp.solve(problem)
+  if feasible:
+    assert isinstance(result, ilp.Solution) and result.objective == 3.0
+    assert result.status == "OPTIMAL"
+  else:
+    assert isinstance(result, ilp.Infeasible)
+    assert result.min_bytes_needed == 6.0 and result.status == "INFEASIBLE"
+
+
+def test_a_memory_point_without_choice_binds_beside_others():
+  fixed_point = ilp.MemoryConstraint(((1, (4.0,)),), "fixed", fixed_bytes=2.0)
+  choice_point = ilp.MemoryConstraint(((0, (3.0, 1.0)), (1, (4.0,))), "peak")
+  problem = ilp.Problem(((1.0, 2.0), (2.0,)), (), (fixed_point, choice_point),
+                        memory_budget=6.5)
+  result = ilp.solve(problem)
+  assert isinstance(result, ilp.Solution) and result.choice == (1, 0)
+  tight = ilp.solve(dataclasses.replace(problem, memory_budget=5.5))
+  assert isinstance(tight, ilp.Infeasible)

@@ -17,13 +17,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from alpa_py import _progress
 from alpa_py.compiler import ilp
 from alpa_py.compiler.cluster_env import LogicalMesh
 from alpa_py.compiler.graph import Literal, OpGraph
+from alpa_py.compiler.errors import InfeasiblePlanError as InfeasiblePlanError
 from alpa_py.compiler.options import AutoShardingOption
+from alpa_py.compiler.strategy_constraints import StrategyConstraints
+from alpa_py.compiler.surcharge import Surcharge
 from alpa_py.compiler.strategies.loop_nest import Strategy
 from alpa_py.compiler.strategies.registry import (follow_kind,
                                                   follows_min_shards,
@@ -81,10 +84,6 @@ class ShardingSolution:
     return dict(self.op_strategies)
 
 
-class InfeasiblePlanError(ValueError):
-  """No sharding meets the per-device memory budget."""
-
-
 @dataclasses.dataclass
 class _Node:
   cost: list[float]
@@ -93,6 +92,9 @@ class _Node:
   names: list[str]
   root_op: int | None = None
   root_outputs: tuple[int, ...] = ()
+  # (op index, its strategy name per strategy of the node) of the ops that
+  # follow this node
+  followers: list = dataclasses.field(default_factory=list)
 
 
 def _make_rc(mesh: LogicalMesh, option: AutoShardingOption):
@@ -124,7 +126,9 @@ def _follow_target(op, graph: OpGraph, node_of, nodes):
 
 
 def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
-                 input_specs: dict[int, Sequence[Spec]], rc):
+                 input_specs: dict[int, Sequence[Spec]], rc,
+                 constrain: StrategyConstraints,
+                 surcharges: Mapping[tuple[int, str], Surcharge]):
   nodes: list[_Node] = []
   node_of: dict[int, int] = {}
   for i, t in enumerate(graph.invars):
@@ -145,9 +149,9 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
     node_of[t] = len(nodes) - 1
 
   for op in graph.ops:
-    strats = strategies_for(op, graph, mesh,
-                            prefer_reduce_scatter=option.prefer_reduce_scatter,
-                            allow_mixed_mesh_shape=option.allow_mixed_mesh_shape)
+    strats = constrain(op, strategies_for(
+        op, graph, mesh, prefer_reduce_scatter=option.prefer_reduce_scatter,
+        allow_mixed_mesh_shape=option.allow_mixed_mesh_shape))
     target = _follow_target(op, graph, node_of, nodes)
     if target is not None and len(strats) > 1:
       pos, t = target
@@ -171,7 +175,9 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
           if best_key is None or key < best_key:
             best_k, best_key, best_c = k, key, c
         picks.append(best_k)
-        node.cost[s] += best_c
+        extra = surcharges.get((op.index, strats[best_k].name))
+        node.cost[s] += best_c + (extra.seconds if extra else 0.0)
+      node.followers.append((op.index, [strats[k].name for k in picks]))
       for j, out in enumerate(op.outputs):
         node.specs[out] = [strats[k].out_specs[j] for k in picks]
         node_of[out] = node_idx
@@ -180,7 +186,11 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
           node.reqs.append((ref, op.index, p,
                             [strats[k].in_specs[p] for k in picks], p != pos))
       continue
-    node = _Node([s.cost for s in strats], {}, [], [s.name for s in strats],
+    costs = []
+    for s in strats:
+      extra = surcharges.get((op.index, s.name))
+      costs.append(s.cost + (extra.seconds if extra else 0.0))
+    node = _Node(costs, {}, [], [s.name for s in strats],
                  root_op=op.index, root_outputs=tuple(op.outputs))
     for j, out in enumerate(op.outputs):
       node.specs[out] = [s.out_specs[j] for s in strats]
@@ -310,10 +320,14 @@ def _peak_bytes(graph, nodes, node_of, choice, mesh_shape, constraints):
              default=0.0)
 
 
-def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption, *,
+def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh,
+                      option: AutoShardingOption, *,
                       input_specs: dict[int, Sequence[Spec]] | None = None,
                       aliases: Sequence[tuple[int, int]] = (),
-                      alias_penalty: float = 0.0) -> ShardingSolution:
+                      alias_penalty: float = 0.0,
+                      batch_dims: Mapping[int, int] | None = None,
+                      surcharges: Mapping[tuple[int, str], Surcharge]
+                      | None = None) -> ShardingSolution:
   """Chooses a spec for every tensor of ``graph`` on ``mesh``.
 
   Args:
@@ -326,15 +340,24 @@ def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOpt
       that input on the next step.
     alias_penalty: extra cost when an aliased pair differs (a constrained
       method makes it large).
+    batch_dims: tensor id -> its batch dim (``batch_dims.infer_batch_dims``);
+      with ``force_batch_dim_to_mesh_dim`` or ``force_data_parallel``, every
+      op keeps these dims on the data axes.
+    surcharges: (op index, strategy name) -> a ``Surcharge``: collectives
+      XLA added for that op under that strategy in an earlier compile; their
+      time is added to the strategy's cost.
 
   Returns:
     The solution.
 
   Raises:
-    InfeasiblePlanError: no plan fits ``option.memory_budget_per_device``.
+    InfeasiblePlanError: no plan fits ``option.memory_budget_per_device``,
+      or a heavy op cannot be split (``allow_recompute_heavy_op=False``).
   """
   rc = _make_rc(mesh, option)
-  nodes, node_of = _build_nodes(graph, mesh, option, input_specs or {}, rc)
+  constrain = StrategyConstraints(graph, mesh, option, batch_dims or {})
+  nodes, node_of = _build_nodes(graph, mesh, option, input_specs or {}, rc,
+                                constrain, surcharges or {})
   edges = _build_edges(graph, nodes, node_of, rc, aliases, alias_penalty)
   budget = option.memory_budget_per_device
   memory = ()
@@ -380,6 +403,7 @@ def _solution(graph, nodes, node_of, result, mesh, edges, memory):
       op_strategies.append((node.root_op, node.names[choice[n]]))
       if len(node.cost) > 1:
         constrained.extend(node.root_outputs)
+    op_strategies.extend((i, names[choice[n]]) for i, names in node.followers)
   peak = _peak_bytes(graph, nodes, node_of, choice, mesh.shape, list(memory))
   return ShardingSolution(
       mesh_shape=mesh.shape, tensor_specs=tuple(sorted(tensor_specs.items())),

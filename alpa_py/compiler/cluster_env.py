@@ -195,12 +195,17 @@ class LogicalMesh:
 
   shape: tuple[int, ...]
   profile: CostProfile
+  # per mesh axis (alpha seconds, beta seconds/byte), overriding the
+  # profile's node-based choice (``ShardParallel(mesh_link_costs=...)``)
+  link_costs: tuple[tuple[float, float], ...] | None = None
 
   @property
   def num_devices(self) -> int:
     return int(math.prod(self.shape))
 
   def _alpha_beta(self, axis: int) -> tuple[float, float]:
+    if self.link_costs is not None:
+      return self.link_costs[axis]
     span = math.prod(self.shape[axis:])
     if span > self.profile.devices_per_node:
       return self.profile.inter_alpha, self.profile.inter_beta

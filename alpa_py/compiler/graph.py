@@ -308,6 +308,11 @@ def subgraph(graph: OpGraph, ops: Sequence[Op], outputs: Sequence[int]) -> OpGra
   return _finish(graph.tensors, ops, tuple(invars), outvars, consts)
 
 
+def op_scope(index: int) -> str:
+  """The name scope ``evaluate`` gives op ``index`` (see ``hlo_stats``)."""
+  return f"op{index}"
+
+
 def evaluate(graph: OpGraph, args: Sequence[Any], *, on_output=None,
              on_operand=None, ops: Sequence[Op] | None = None,
              env: dict | None = None) -> list[Any]:
@@ -336,16 +341,20 @@ def evaluate(graph: OpGraph, args: Sequence[Any], *, on_output=None,
     return ref.value if isinstance(ref, Literal) else env[ref]
 
   for op in graph.ops if ops is None else ops:
-    ins = []
-    for pos, ref in enumerate(op.inputs):
-      val = read(ref)
-      if on_operand is not None and isinstance(ref, int):
-        val = on_operand(op, pos, ref, val)
-      ins.append(val)
-    outs = op.primitive.bind(*ins, **op.params)
-    if not op.primitive.multiple_results:
-      outs = [outs]
-    for t, val in zip(op.outputs, outs):
-      env[t] = on_output(t, val) if on_output is not None else val
+    # The scope names the op in the compiled HLO's metadata
+    # (op_name=".../op12/dot_general"), so that a collective XLA inserts can
+    # be traced back to the op whose layout caused it.
+    with jax.named_scope(op_scope(op.index)):
+      ins = []
+      for pos, ref in enumerate(op.inputs):
+        val = read(ref)
+        if on_operand is not None and isinstance(ref, int):
+          val = on_operand(op, pos, ref, val)
+        ins.append(val)
+      outs = op.primitive.bind(*ins, **op.params)
+      if not op.primitive.multiple_results:
+        outs = [outs]
+      for t, val in zip(op.outputs, outs):
+        env[t] = on_output(t, val) if on_output is not None else val
   return [read(ref) if isinstance(ref, Literal) or ref in env else None
           for ref in graph.outvars]

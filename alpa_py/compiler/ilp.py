@@ -44,7 +44,7 @@ def solve(problem: Problem) -> Solution | Infeasible:
   """
   t0 = time.perf_counter()
   reduction = ilp_reduce.reduce_problem(problem)
-  core = _solve_core(reduction.core)
+  core = _solve_fixed(reduction.core) or _solve_core(reduction.core)
   elapsed = time.perf_counter() - t0
   if isinstance(core, Infeasible):
     need, label = min_memory_needed(problem)
@@ -53,6 +53,19 @@ def solve(problem: Problem) -> Solution | Infeasible:
   choice = ilp_reduce.expand(reduction, core.choice)
   return Solution(choice, problem.objective(choice), core.status,
                   core.num_variables, core.num_constraints, elapsed)
+
+
+def _solve_fixed(problem: Problem) -> Solution | Infeasible | None:
+  """A problem in which no node has a choice: its one assignment, checked
+  against the budget (a solver given no variable may report the model
+  invalid rather than solve it). None where some node has a choice."""
+  if any(len(costs) > 1 for costs in problem.node_costs):
+    return None
+  choice = (0,) * len(problem.node_costs)
+  if problem.memory_ok(choice):
+    return Solution(choice, problem.objective(choice), "OPTIMAL", 0, 0, 0.0)
+  need, label = min_memory_needed(problem)
+  return Infeasible("INFEASIBLE", need, problem.memory_budget, label, 0, 0, 0.0)
 
 
 def _solve_core(problem: Problem) -> Solution | Infeasible:
@@ -139,16 +152,21 @@ def _solve_mip(problem: Problem, relax: bool) -> Solution | Infeasible:
 
   if problem.memory_budget is not None:
     for m in problem.memory:
-      fixed = m.fixed_bytes
-      ct = solver.Constraint(-infinity, 0)
-      for n, b in m.terms:
-        if len(b) == 1:
-          fixed += b[0]
-          continue
+      fixed = m.fixed_bytes + sum(b[0] for _, b in m.terms if len(b) == 1)
+      chosen = [(n, b) for n, b in m.terms if len(b) > 1]
+      if not chosen:
+        # no choice changes this point: it holds or nothing does (a solver
+        # handed a constraint without variables may call the model invalid)
+        if fixed > problem.memory_budget:
+          need, label = min_memory_needed(problem)
+          return Infeasible("INFEASIBLE", need, problem.memory_budget, label,
+                            0, 0, time.perf_counter() - t0)
+        continue
+      ct = solver.Constraint(-infinity, float(problem.memory_budget) - fixed)
+      for n, b in chosen:
         for s, val in enumerate(b):
           if val:
             ct.SetCoefficient(x[n][s], float(val))
-      ct.SetBounds(-infinity, float(problem.memory_budget) - fixed)
   objective.SetOffset(objective.offset() + constant)
   objective.SetMinimization()
   num_vars, num_cons = solver.NumVariables(), solver.NumConstraints()

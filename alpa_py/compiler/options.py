@@ -25,6 +25,17 @@ class AutoShardingOption:
       order (1, 0).
     solver_time_limit_s: wall-clock limit of one ILP solve.
     cost_profile: ``"cpu"`` (measured here) or a GPU-cluster preset name.
+    force_batch_dim_to_mesh_dim: keep the batch dim of every op that has one
+      split over this mesh axis (Alpa's option; the constrained methods set
+      it to their data axis). None: the ILP decides.
+    allow_recompute_heavy_op: let a dot / convolution run unsplit over some
+      devices (recomputed there). False, as in Alpa: each heavy op takes a
+      strategy that splits its work over as many devices as any of its
+      strategies can.
+    force_zero_stage_3_all_gather_threshold: Zero3Parallel keeps parameters
+      (and their optimizer state) smaller than this many bytes replicated
+      instead of sharding them and gathering them at each use (0: shard
+      every one that divides).
   """
 
   memory_budget_per_device: float | None = None
@@ -35,6 +46,9 @@ class AutoShardingOption:
   allow_mixed_mesh_shape: bool = False
   solver_time_limit_s: float = 60
   cost_profile: str = "cpu"
+  force_batch_dim_to_mesh_dim: int | None = None
+  allow_recompute_heavy_op: bool = False
+  force_zero_stage_3_all_gather_threshold: int = 0
 
   def __post_init__(self):
     b = self.memory_budget_per_device
@@ -42,13 +56,23 @@ class AutoShardingOption:
       raise ValueError(f"memory_budget_per_device (={b!r}) must be a positive "
                        "number of bytes or None")
     for name in ("force_data_parallel", "allow_all_gather", "allow_all_to_all",
-                 "prefer_reduce_scatter", "allow_mixed_mesh_shape"):
+                 "prefer_reduce_scatter", "allow_mixed_mesh_shape",
+                 "allow_recompute_heavy_op"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"AutoShardingOption.{name} (={getattr(self, name)!r}) "
                         "must be a bool")
     t = self.solver_time_limit_s
     if not (isinstance(t, (int, float)) and t > 0):
       raise ValueError(f"solver_time_limit_s (={t!r}) must be positive")
+    k = self.force_batch_dim_to_mesh_dim
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool)
+                          or k not in (0, 1)):
+      raise ValueError(f"force_batch_dim_to_mesh_dim (={k!r}) must be a mesh "
+                       "axis (0 or 1) or None")
+    g = self.force_zero_stage_3_all_gather_threshold
+    if not isinstance(g, int) or isinstance(g, bool) or g < 0:
+      raise ValueError("force_zero_stage_3_all_gather_threshold "
+                       f"(={g!r}) must be a non-negative number of bytes")
     if self.cost_profile not in PROFILE_NAMES:
       raise ValueError(f"cost_profile (={self.cost_profile!r}) must be one of "
                        f"{PROFILE_NAMES}")

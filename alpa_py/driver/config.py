@@ -21,8 +21,10 @@ class ShardConfig:
     method_name: the method's class name (shown in the plan).
     layout: how the method fixes the inputs' layouts.
     mesh_shapes: the logical meshes to try.
-    option: the intra-op pass options.
+    option: the intra-op pass options; a constrained method sets
+      ``force_data_parallel`` here (every op's batch dim on the data axes).
     num_micro_batches: gradient-accumulation steps (1: none).
+    link_costs: per mesh axis (alpha, beta), or None for the profile's.
   """
 
   method_name: str
@@ -30,13 +32,25 @@ class ShardConfig:
   mesh_shapes: tuple[tuple[int, ...], ...]
   option: AutoShardingOption
   num_micro_batches: int
+  link_costs: tuple[tuple[float, float], ...] | None = None
 
   @classmethod
   def resolve(cls, method: ShardParallel, num_devices: int) -> "ShardConfig":
     """Reads ``method`` for a compile on ``num_devices`` devices."""
+    option = method.auto_sharding_option
+    if method.layout is not InputLayout.AUTO and \
+        option.force_batch_dim_to_mesh_dim is None:
+      # a data-parallel method's promise covers the whole step: every op's
+      # batch dim on the data axes (all of them), not only the inputs'
+      option = dataclasses.replace(option, force_data_parallel=True)
     return cls(type(method).__name__, method.layout,
-               tuple(method.mesh_shapes(num_devices)),
-               method.auto_sharding_option, method.num_micro_batches or 1)
+               tuple(method.mesh_shapes(num_devices)), option,
+               method.num_micro_batches or 1, method.mesh_link_costs)
+
+  @property
+  def forces_batch_dim(self) -> bool:
+    o = self.option
+    return o.force_batch_dim_to_mesh_dim is not None or o.force_data_parallel
 
   @property
   def memory_budget(self) -> float | None:

@@ -12,7 +12,9 @@ import math
 import re
 from typing import Sequence
 
+from alpa_py.compiler.options import AutoShardingOption
 from alpa_py.compiler.strategies.spec import Spec, replicated
+from alpa_py.compiler.strategy_constraints import data_axes
 from alpa_py.methods import InputLayout
 from alpa_py.driver.signature import Signature
 
@@ -32,8 +34,30 @@ def _largest_dim_spec(shape, axes, mesh_shape):
   return replicated(len(shape))
 
 
+def check_batch_divisible(sig: Signature, shapes, mesh_shape,
+                          option: AutoShardingOption) -> None:
+  """Raises if a batch input's dim 0 does not divide over the data axes."""
+  axes = data_axes(tuple(mesh_shape), option)
+  n = math.prod(mesh_shape[a] for a in axes)
+  for i in sorted(sig.batch_inputs):
+    shape = shapes[i]
+    if shape and shape[0] % n:
+      raise ValueError(
+          f"{sig.paths[i]}: batch dim 0 (={shape[0]}) must be divisible by the "
+          f"data axis (mesh axes {list(axes)} of mesh {tuple(mesh_shape)}, "
+          f"={n} devices); change the batch size or the mesh")
+
+
+def _zero3_spec(aval, shape, axes, mesh_shape, threshold):
+  nbytes = math.prod(shape) * aval.dtype.itemsize
+  if nbytes < threshold:
+    return replicated(len(shape))
+  return _largest_dim_spec(shape, axes, mesh_shape)
+
+
 def input_specs(layout: InputLayout, sig: Signature, mesh_shape,
-                shapes: Sequence[tuple[int, ...]] | None = None
+                shapes: Sequence[tuple[int, ...]] | None = None,
+                option: AutoShardingOption | None = None
                 ) -> dict[int, list[Spec]]:
   """The specs each flat input may take under a method's layout policy.
 
@@ -42,6 +66,7 @@ def input_specs(layout: InputLayout, sig: Signature, mesh_shape,
     sig: the call signature.
     mesh_shape: the logical mesh.
     shapes: the traced input shapes (one micro-batch), default the call's.
+    option: the pass options (ZeRO-3's all-gather threshold).
 
   Raises:
     ValueError: a batch input whose dim 0 the devices do not divide.
@@ -50,6 +75,7 @@ def input_specs(layout: InputLayout, sig: Signature, mesh_shape,
     return {}
   axes = tuple(a for a, s in enumerate(mesh_shape) if s > 1)
   n = math.prod(mesh_shape)
+  threshold = option.force_zero_stage_3_all_gather_threshold if option else 0
   specs = {}
   for i, (aval, owner, path) in enumerate(zip(sig.avals, sig.owners,
                                               sig.paths)):
@@ -65,7 +91,9 @@ def input_specs(layout: InputLayout, sig: Signature, mesh_shape,
       specs[i] = [(axes,) + ((),) * (r - 1)]
     elif layout is InputLayout.DATA_PARALLEL:
       specs[i] = [replicated(r)]
-    elif layout is InputLayout.ZERO3 or is_optimizer_state(path):
+    elif layout is InputLayout.ZERO3:
+      specs[i] = [_zero3_spec(aval, shape, axes, mesh_shape, threshold)]
+    elif is_optimizer_state(path):
       specs[i] = [_largest_dim_spec(shape, axes, mesh_shape)]
     else:
       specs[i] = [replicated(r)]

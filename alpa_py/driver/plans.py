@@ -70,6 +70,10 @@ class ShardingPlan:
     cost_profile: the profile the costs come from.
     predicted_step_seconds: the ILP objective.
     estimated_peak_bytes: the ILP's estimate of peak bytes per device.
+    predicted_collectives: (kind, count) the plan implies, as XLA's
+      combiners would merge them.
+    compiled_collectives: (kind, count) in the compiled step's HLO (empty
+      where not counted, e.g. for an accumulating step).
   """
 
   method: str
@@ -82,6 +86,17 @@ class ShardingPlan:
   cost_profile: str
   predicted_step_seconds: float
   estimated_peak_bytes: float
+  predicted_collectives: tuple[tuple[str, int], ...] = ()
+  compiled_collectives: tuple[tuple[str, int], ...] = ()
+
+  @property
+  def collective_mismatch(self) -> dict[str, tuple[int, int]]:
+    """Kind -> (predicted, compiled) where the two differ."""
+    if not self.compiled_collectives:
+      return {}
+    p, c = dict(self.predicted_collectives), dict(self.compiled_collectives)
+    return {k: (p.get(k, 0), c.get(k, 0)) for k in sorted(set(p) | set(c))
+            if p.get(k, 0) != c.get(k, 0)}
 
   def input_spec(self, name_fragment: str) -> PartitionSpec:
     """The spec of the first input whose name contains ``name_fragment``."""
@@ -97,6 +112,12 @@ class ShardingPlan:
              f"profile {self.cost_profile}",
              f"  predicted step {self.predicted_step_seconds * 1e3:.3f} ms, "
              f"estimated peak {self.estimated_peak_bytes / 2**20:.2f} MiB/device"]
+    if self.predicted_collectives:
+      lines.append("  collectives (predicted / compiled): " + ", ".join(
+          f"{k} {n}/{dict(self.compiled_collectives).get(k, '-')}"
+          for k, n in self.predicted_collectives
+          if n or dict(self.compiled_collectives).get(k)) + (
+              "" if not self.collective_mismatch else "   MISMATCH"))
     for title, rows in (("inputs", self.inputs), ("outputs", self.outputs)):
       lines.append(f"  {title}:")
       for t in rows:
@@ -184,7 +205,8 @@ def _shapes_str(graph: OpGraph, op) -> str:
 
 def make_plan(graph: OpGraph, sol: ShardingSolution, paths, out_count,
               method_name: str, cost_profile: str, mesh, num_micro_batches=1,
-              out_names=None, input_shapes=None) -> ShardingPlan:
+              out_names=None, input_shapes=None,
+              collectives: tuple[dict, dict] | None = None) -> ShardingPlan:
   names = mesh.axis_names
   input_shapes = input_shapes or [graph.tensor(t).shape for t in graph.invars]
   inputs = tuple(
@@ -214,7 +236,10 @@ def make_plan(graph: OpGraph, sol: ShardingSolution, paths, out_count,
       ops=tuple(ops), num_micro_batches=num_micro_batches,
       cost_profile=cost_profile,
       predicted_step_seconds=sol.objective,
-      estimated_peak_bytes=sol.estimated_peak_bytes)
+      estimated_peak_bytes=sol.estimated_peak_bytes,
+      predicted_collectives=tuple(collectives[0].items()) if collectives else (),
+      compiled_collectives=tuple(collectives[1].items()) if collectives
+      else ())
 
 
 def solve_stats(sol: ShardingSolution, candidates, compile_s=0.0) -> SolveStats:

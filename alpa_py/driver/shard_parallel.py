@@ -2,18 +2,25 @@
 
 A compile is a chain of passes over frozen values::
 
-  Signature --trace_step--> TracedStep --plan_step--> ShardingSolution
-            --lower_and_compile--> Executable
+  Signature --trace_step--> TracedStep --plan_step--> PlannedStep
+            --lower_and_compile--> CompiledStep --> Executable
 
-``compile_shard_parallel`` runs the chain, with the memory-budget retry as a
-wrapper around the last two passes: when XLA's compiled step needs more
-memory than the budget, the ILP's budget is tightened and the step re-planned.
+``compile_shard_parallel`` runs the chain with two feedback loops around the
+last two passes, each a wrapper:
+
+* ``with_collective_replans``: a collective XLA inserted that the plan did
+  not price is charged to the op it was inserted for, and the step
+  re-planned (a few times at most); what remains different is a
+  ``PlanMismatchWarning`` and is shown in ``ex.plan``.
+* ``with_budget_retry``: when XLA's compiled step needs more memory than the
+  budget, the ILP's budget is tightened and the step re-planned.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Callable
 
 from jax.sharding import Mesh
@@ -23,12 +30,16 @@ from alpa_py.compiler import accumulation
 from alpa_py.compiler.auto_sharding import (InfeasiblePlanError,
                                             ShardingSolution, run_auto_sharding)
 from alpa_py.compiler.cluster_env import LogicalMesh, get_profile
+from alpa_py.compiler.collectives import (PlanMismatchWarning,
+                                          count_collectives, plan_events)
+from alpa_py.compiler.hlo_stats import collective_counts, collectives
 from alpa_py.compiler.lowering import io_shardings, make_step_fn
 from alpa_py.compiler.program import Task, make_mesh
 from alpa_py.compiler.strategies.spec import FORBIDDEN_PENALTY
+from alpa_py.compiler.surcharge import new_surcharges
 from alpa_py.driver.config import ShardConfig
 from alpa_py.driver.executable import Executable
-from alpa_py.driver.layout import input_specs
+from alpa_py.driver.layout import check_batch_divisible, input_specs
 from alpa_py.driver.plans import (ShardingPlan, SolveStats, make_plan,
                                   solve_stats)
 from alpa_py.driver.signature import Signature
@@ -37,44 +48,71 @@ from alpa_py.methods import InputLayout
 from alpa_py.runtime.backend import Backend
 
 _BUDGET_ATTEMPTS = 4
+_COLLECTIVE_REPLANS = 3
 
 
 @dataclasses.dataclass(frozen=True)
 class PlannedStep:
-  """The best solution over the candidate meshes."""
+  """The best solution over the candidate meshes.
+
+  Attributes:
+    solution: the chosen mesh's solution.
+    candidates: (mesh shape, objective) of every mesh that had a plan.
+    surcharges: the (op, strategy) surcharges the solve was charged with,
+      for the chosen mesh.
+  """
 
   solution: ShardingSolution
   candidates: tuple[tuple[tuple[int, ...], float], ...]
+  surcharges: tuple = ()
+
+  @property
+  def surcharge_map(self) -> dict:
+    return dict(self.surcharges)
+
+
+def _logical_mesh(config: ShardConfig, shape) -> LogicalMesh:
+  return LogicalMesh(tuple(shape), get_profile(config.option.cost_profile),
+                     config.link_costs)
 
 
 def plan_step(traced: TracedStep, sig: Signature, config: ShardConfig,
-              memory_budget: float | None) -> PlannedStep:
+              memory_budget: float | None,
+              surcharges: dict | None = None) -> PlannedStep:
   """Runs the intra-op pass on each candidate mesh; keeps the cheapest.
+
+  Args:
+    surcharges: mesh shape -> {(op index, strategy name): Surcharge}.
 
   Raises:
     InfeasiblePlanError: no candidate mesh has a plan under the budget.
   """
-  profile = get_profile(config.option.cost_profile)
   option = dataclasses.replace(config.option,
                                memory_budget_per_device=memory_budget)
   penalty = 0.0 if config.layout is InputLayout.AUTO else FORBIDDEN_PENALTY
-  best, candidates, failures = None, [], []
+  batch_dims = traced.batch_dims(sig) if config.forces_batch_dim else None
+  surcharges = surcharges or {}
+  best, best_charges, candidates, failures = None, {}, [], []
   for shape in config.mesh_shapes:
+    specs = input_specs(config.layout, sig, shape, traced.input_shapes, option)
+    if batch_dims is not None:
+      check_batch_divisible(sig, traced.input_shapes, shape, option)
+    charges = surcharges.get(tuple(shape), {})
     try:
       sol = run_auto_sharding(
-          traced.graph, LogicalMesh(shape, profile), option,
-          input_specs=input_specs(config.layout, sig, shape,
-                                  traced.input_shapes),
-          aliases=traced.graph_aliases, alias_penalty=penalty)
+          traced.graph, _logical_mesh(config, shape), option,
+          input_specs=specs, aliases=traced.graph_aliases,
+          alias_penalty=penalty, batch_dims=batch_dims, surcharges=charges)
     except InfeasiblePlanError as e:
       failures.append(e)
       continue
     candidates.append((shape, sol.objective))
     if best is None or sol.objective < best.objective - 1e-15:
-      best = sol
+      best, best_charges = sol, charges
   if best is None:
     raise failures[0]
-  return PlannedStep(best, tuple(candidates))
+  return PlannedStep(best, tuple(candidates),
+                     tuple(sorted(best_charges.items())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +123,7 @@ class CompiledStep:
   plan: ShardingPlan
   mesh: Mesh
   stats: SolveStats
+  planned: PlannedStep
 
 
 def lower_and_compile(traced: TracedStep, planned: PlannedStep, sig: Signature,
@@ -104,12 +143,57 @@ def lower_and_compile(traced: TracedStep, planned: PlannedStep, sig: Signature,
   with _progress.step("XLA lowering + compile"):
     task = Task.compile(fn, arg_specs, range(len(ins)), range(len(outs)), ins,
                         outs, donate_argnums=sig.donated_inputs)
+  counts = None
+  if n == 1:
+    # an accumulating step runs its body in a loop: the static count of its
+    # HLO is not the plan's, so it is not compared
+    platform = mesh.devices.flat[0].platform
+    events = plan_events(graph, best, planned.surcharge_map)
+    counts = (count_collectives(graph, events, platform),
+              _compiled_counts(task))
   plan = make_plan(graph, best, sig.paths, len(graph.outvars),
                    config.method_name, config.option.cost_profile, mesh,
                    num_micro_batches=n, out_names=traced.out_names,
-                   input_shapes=[a.shape for a in sig.avals])
+                   input_shapes=[a.shape for a in sig.avals],
+                   collectives=counts)
   stats = solve_stats(best, planned.candidates, time.perf_counter() - t_start)
-  return CompiledStep(task, plan, mesh, stats)
+  return CompiledStep(task, plan, mesh, stats, planned)
+
+
+def _compiled_counts(task: Task) -> dict[str, int]:
+  return collective_counts(task.hlo_text())
+
+
+def with_collective_replans(compile_with: Callable[[dict], CompiledStep],
+                            traced: TracedStep,
+                            config: ShardConfig) -> CompiledStep:
+  """Compiles, charges ops for collectives XLA added that the plan did not
+  predict, and re-plans while that finds new ones (a few times at most)."""
+  surcharges: dict = {}
+  step = compile_with(surcharges)
+  for _ in range(_COLLECTIVE_REPLANS):
+    if not step.plan.collective_mismatch:
+      break
+    sol = step.planned.solution
+    known = step.planned.surcharge_map
+    charged = new_surcharges(
+        traced.graph, sol, plan_events(traced.graph, sol, known),
+        collectives(step.task.hlo_text()),
+        _logical_mesh(config, sol.mesh_shape), known)
+    if charged == known:
+      break
+    _progress.log(f"XLA added {len(charged) - len(known)} resharding(s) the "
+                  "plan did not price; charging their ops and re-planning")
+    surcharges = {**surcharges, tuple(sol.mesh_shape): charged}
+    step = compile_with(surcharges)
+  mismatch = step.plan.collective_mismatch
+  if mismatch:
+    warnings.warn(PlanMismatchWarning(
+        "the compiled step's collectives differ from its plan's: " +
+        ", ".join(f"{k} predicted {p}, compiled {c}"
+                  for k, (p, c) in mismatch.items()) +
+        " (ex.plan shows both)"), stacklevel=2)
+  return step
 
 
 def with_budget_retry(compile_once: Callable[[float | None], CompiledStep],
@@ -153,13 +237,15 @@ def with_budget_retry(compile_once: Callable[[float | None], CompiledStep],
 def compile_shard_parallel(fun: Callable, sig: Signature, config: ShardConfig,
                            backend: Backend) -> Executable:
   """Compiles ``fun`` for the call signature ``sig``: trace, then plan and
-  compile under the memory budget."""
+  compile under the memory budget, checking the collectives."""
   t_start = time.perf_counter()
   traced = trace_step(fun, sig, config.num_micro_batches)
 
   def compile_once(ilp_budget):
-    planned = plan_step(traced, sig, config, ilp_budget)
-    return lower_and_compile(traced, planned, sig, config, t_start)
+    def compile_with(surcharges):
+      planned = plan_step(traced, sig, config, ilp_budget, surcharges)
+      return lower_and_compile(traced, planned, sig, config, t_start)
+    return with_collective_replans(compile_with, traced, config)
 
   step = with_budget_retry(compile_once, config.memory_budget)
   return Executable(step.task, step.plan, step.mesh, step.stats,

@@ -15,6 +15,7 @@ import jax
 
 from alpa_py import _progress
 from alpa_py.compiler import accumulation
+from alpa_py.compiler.batch_dims import batch_seeds, infer_batch_dims
 from alpa_py.compiler.graph import OpGraph, build_graph
 from alpa_py.driver.signature import Signature
 
@@ -38,6 +39,11 @@ class TracedStep:
   input_shapes: tuple[tuple[int, ...], ...]
   out_names: tuple[str, ...]
   num_micro_batches: int
+
+  def batch_dims(self, sig: Signature) -> dict[int, int]:
+    """Tensor id -> batch dim, seeded with dim 0 of the batch inputs."""
+    return infer_batch_dims(self.graph, batch_seeds(self.graph,
+                                                    sig.batch_inputs))
 
   @property
   def graph_aliases(self) -> list[tuple[int, int]]:

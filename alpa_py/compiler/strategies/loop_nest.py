@@ -178,11 +178,17 @@ def _add_combo(nest, loop_axes, in_infos, out_infos, out_dims, labels,
   ar_cost = sum(mesh.all_reduce(out_bytes, a) for a in red_axes)
   rs_added = False
   if red_axes and allow_rs and nest.reduction == "sum" and len(out_infos) == 1:
-    rs = _reduce_scatter_variant(out_specs[0], out_infos[0], red_axes, mesh)
-    if rs is not None:
-      spec, rs_cost = rs
-      add(Strategy(name + "+RS", (spec,), tuple(in_specs), compute, rs_cost))
-      rs_added = True
+    for spec, rs_axes, cost in _reduce_scatter_variants(
+        out_specs[0], out_infos[0], red_axes, mesh):
+      # the partial sums over the other reduced axes are all-reduced, after
+      # the scatter (on the smaller result)
+      suffix = "+RS" + "".join(map(str, rs_axes))
+      ar_axes = [a for a in red_axes if a not in rs_axes]
+      if ar_axes:
+        suffix += "+AR" + "".join(map(str, ar_axes))
+      else:
+        rs_added = True
+      add(Strategy(name + suffix, (spec,), tuple(in_specs), compute, cost))
   if red_axes and prefer_rs and rs_added:
     return
   suffix = "+AR" if red_axes else ""
@@ -190,28 +196,38 @@ def _add_combo(nest, loop_axes, in_infos, out_infos, out_dims, labels,
                ar_cost))
 
 
-def _reduce_scatter_variant(spec: Spec, info: TensorInfo, red_axes,
-                            mesh: LogicalMesh):
-  """Moves partial-sum axes onto output dims: reduce-scatter, not all-reduce."""
-  spec = list(spec)
-  used = {a for d in spec for a in d}
+def _reduce_scatter_variants(spec: Spec, info: TensorInfo, red_axes,
+                             mesh: LogicalMesh):
+  """Moves partial-sum axes onto output dims: reduce-scatter, not all-reduce.
+
+  Yields (spec, scattered axes, cost) for every non-empty subset of the
+  reduced axes scattered (each onto every output dim it divides); the
+  remaining reduced axes are all-reduced on the scattered result. Mixing the
+  two lets a gradient be reduce-scattered inside a node and all-reduced
+  across nodes, on 1/k of the bytes.
+  """
   out_bytes = info.nbytes / num_shards(tuple(spec), mesh.shape)
-  cost = 0.0
-  for a in red_axes:
-    if a in used:
-      return None
-    best = None
-    for d, size in enumerate(info.shape):
-      split = math.prod(mesh.shape[x] for x in spec[d]) * mesh.shape[a]
-      if size % split == 0 and (best is None or size // split >
-                                info.shape[best] //
-                                (math.prod(mesh.shape[x] for x in spec[best]) *
-                                 mesh.shape[a])):
-        best = d
-    if best is None:
-      return None
-    cost += mesh.reduce_scatter(out_bytes, a)
-    out_bytes /= mesh.shape[a]
-    spec[best] = spec[best] + (a,)
-    used.add(a)
-  return tuple(spec), cost
+  used = {a for d in spec for a in d}
+  red = [a for a in red_axes if a not in used]
+  if len(red) != len(red_axes):
+    return
+  for k in range(1, len(red) + 1):
+    for rs_axes in itertools.combinations(red, k):
+      for dims in itertools.product(range(len(info.shape)), repeat=k):
+        new = list(spec)
+        nbytes = out_bytes
+        cost = 0.0
+        ok = True
+        for a, d in zip(rs_axes, dims):
+          split = math.prod(mesh.shape[x] for x in new[d]) * mesh.shape[a]
+          if info.shape[d] % split:
+            ok = False
+            break
+          cost += mesh.reduce_scatter(nbytes, a)
+          nbytes /= mesh.shape[a]
+          new[d] = new[d] + (a,)
+        if not ok:
+          continue
+        cost += sum(mesh.all_reduce(nbytes, a) for a in red
+                    if a not in rs_axes)
+        yield tuple(new), rs_axes, cost

@@ -56,6 +56,11 @@ def _same_shape_nest(ins, outs, unshardable=(), reduction=None) -> LoopNest:
       in_maps.append(None)
     elif i.shape == shape:
       in_maps.append(_identity(len(shape)))
+    elif len(i.shape) == len(shape) and all(
+        a in (b, 1) for a, b in zip(i.shape, shape)):
+      # an operand broadcast along its size-1 dims follows the others
+      in_maps.append(tuple(d if a == b else None
+                           for d, (a, b) in enumerate(zip(i.shape, shape))))
     else:
       in_maps.append((None,) * len(i.shape))
   out_maps = tuple(_identity(len(shape)) if o.shape == shape else

@@ -186,9 +186,19 @@ def scatter_rule(op, ins, outs):
     umap[ud] = r + k
     if k < len(indices) - 1:
       imap[k] = r + k
+  # A batching dim pairs an indices dim with an operand dim: update row i
+  # lands in operand row i, so the two share one loop, which is no sum
+  # (take_along_axis's gradient scatters each example into its own row).
+  idx_batching = tuple(getattr(dn, "scatter_indices_batching_dims", ()) or ())
+  paired = set()
+  for ob, ib in zip(op_batching, idx_batching):
+    if ib < len(scatter_dims) and ib < len(indices) - 1:
+      umap[scatter_dims[ib]] = ob
+      imap[ib] = ob
+      paired.add(r + ib)
   additive = op.name in ("scatter-add", "scatter_add")
-  if not additive:
-    for k in range(len(scatter_dims)):
+  for k in range(len(scatter_dims)):
+    if not additive or r + k in paired:
       shardable[r + k] = False
   return LoopNest(sizes=tuple(sizes), shardable=tuple(shardable),
                   in_maps=(tuple(omap), tuple(imap), tuple(umap)),

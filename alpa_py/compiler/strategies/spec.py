@@ -51,6 +51,25 @@ def spec_str(spec: Spec) -> str:
   return "".join("R" if not d else "S" + "".join(map(str, d)) for d in spec)
 
 
+def resharding_kinds(src: Spec, dst: Spec,
+                     mesh_shape: tuple[int, ...]) -> frozenset[str]:
+  """The collectives that turn ``src`` into ``dst`` (as ``resharding_cost``
+  prices them): an axis that stops splitting the tensor is an all-gather,
+  one that moves to another dim an all-to-all; starting to split is a local
+  slice, no collective."""
+  if src == dst or src is None or dst is None:
+    return frozenset()
+  pos_src = {a: (d, i) for d, axes in enumerate(src) for i, a in enumerate(axes)}
+  pos_dst = {a: (d, i) for d, axes in enumerate(dst) for i, a in enumerate(axes)}
+  kinds = set()
+  for axis, size in enumerate(mesh_shape):
+    s, d = pos_src.get(axis), pos_dst.get(axis)
+    if size == 1 or s == d or s is None:
+      continue
+    kinds.add("all-gather" if d is None else "all-to-all")
+  return frozenset(kinds)
+
+
 def resharding_cost(src: Spec, dst: Spec, nbytes: float, mesh: LogicalMesh,
                     allow_all_gather: bool = True,
                     allow_all_to_all: bool = True) -> float:

@@ -1,0 +1,108 @@
+"""The collectives a sharding plan promises, counted as XLA will run them.
+
+A plan's collectives come from two places: an op's strategy (a partial sum
+all-reduced, ``+AR``, or reduce-scattered, ``+RS``) and a resharding between
+a producer's layout and the layout a consumer asks for (all-gather,
+all-to-all). XLA's combiners then merge collectives of one kind that do not
+depend on each other, so the count that runs is, per combined kind, the
+longest chain of collectives of that kind where each depends on the one
+before; kinds the platform does not combine count one by one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from alpa_py.compiler.graph import Literal, OpGraph
+from alpa_py.compiler.hlo_stats import KINDS
+from alpa_py.compiler.strategies.spec import replicated, resharding_kinds
+
+# Kinds XLA's combiners merge, per platform (on CPU a reduce-scatter is an
+# all-reduce + dynamic-slice, and so merges with the all-reduces).
+COMBINED = {
+    "cpu": frozenset({"all-reduce", "reduce-scatter"}),
+    "gpu": frozenset({"all-reduce", "reduce-scatter", "all-gather"}),
+    "cuda": frozenset({"all-reduce", "reduce-scatter", "all-gather"}),
+}
+
+
+class PlanMismatchWarning(UserWarning):
+  """The compiled step's collectives are not the ones its plan promised."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveEvent:
+  """One collective the plan implies, and the op it belongs to."""
+
+  kind: str
+  op: int  # op index
+  operand: int | None  # operand position for a resharding; None: the output
+
+
+def strategy_kinds(name: str) -> set[str]:
+  """Collectives named by a strategy (``k0:S0+AR``, ``k0:S01+RS0+AR1``)."""
+  kinds = set()
+  if "+AR" in name:
+    kinds.add("all-reduce")
+  if "+RS" in name:
+    kinds.add("reduce-scatter")
+  return kinds
+
+
+def plan_events(graph: OpGraph, solution,
+                surcharges=None) -> list[CollectiveEvent]:
+  """Every collective ``solution`` implies for ``graph``, by op, including
+  those ``surcharges`` (``compiler.surcharge``) charged to chosen
+  strategies."""
+  events = []
+  surcharges = surcharges or {}
+  for op_idx, name in solution.op_strategies:
+    events.extend(CollectiveEvent(k, op_idx, None) for k in strategy_kinds(name))
+    extra = surcharges.get((op_idx, name))
+    if extra is not None:
+      events.extend(CollectiveEvent(k, op_idx, None) for k in extra.kinds)
+  spec_of = solution.spec_of
+  mesh_shape = solution.mesh_shape
+  by_index = {op.index: op for op in graph.ops}
+  # Layouts of a tensor already made: XLA reuses a gathered copy (common
+  # subexpressions), so a later consumer that can slice what exists costs
+  # no collective.
+  made: dict[int, list] = {}
+  for (op_idx, pos), want in sorted(solution.operand_specs):
+    op = by_index.get(op_idx)
+    if op is None:
+      continue
+    t = op.inputs[pos]
+    if isinstance(t, Literal) or not graph.tensor(t).shape:
+      continue
+    have = made.setdefault(
+        t, [spec_of.get(t, replicated(len(graph.tensor(t).shape)))])
+    if any(not resharding_kinds(h, want, mesh_shape) for h in have):
+      continue
+    events.extend(CollectiveEvent(k, op_idx, pos)
+                  for k in resharding_kinds(have[0], want, mesh_shape))
+    have.append(want)
+  return events
+
+
+def count_collectives(graph: OpGraph, events, platform: str) -> dict[str, int]:
+  """Per kind, how many collectives run once XLA has combined them."""
+  combined = COMBINED.get(platform, frozenset())
+  counts = {k: 0 for k in KINDS}
+  by_op: dict[int, list[CollectiveEvent]] = {}
+  for e in events:
+    by_op.setdefault(e.op, []).append(e)
+    if e.kind not in combined:
+      counts[e.kind] += 1
+  for kind in combined:
+    # longest dependent chain of this kind: a level per tensor
+    level: dict[int, int] = {}
+    for op in graph.ops:
+      mine = [e for e in by_op.get(op.index, ()) if e.kind == kind]
+      inputs = [level.get(t, 0) + any(e.operand == pos for e in mine)
+                for pos, t in enumerate(op.inputs) if not isinstance(t, Literal)]
+      out = max(inputs, default=0) + any(e.operand is None for e in mine)
+      for t in op.outputs:
+        level[t] = out
+    counts[kind] = max(level.values(), default=0)
+  return counts

@@ -1,0 +1,6 @@
+"""Errors the compiler raises about a plan (not about user input)."""
+
+
+class InfeasiblePlanError(ValueError):
+  """No plan meets the constraints: the per-device memory budget, or the
+  rule that heavy ops are split (``allow_recompute_heavy_op=False``)."""
