@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, Sequence
 
 from alpa_py import driver
@@ -40,9 +41,19 @@ class ParallelizedFunc:
     ex, leaves = self._executable_and_leaves(args)
     return ex.call_flat(leaves)
 
-  def get_executable(self, *args):
-    """The compiled ``Executable`` for these arguments (compiled if needed)."""
-    return self._executable_and_leaves(args)[0]
+  def get_executable(self, *args, dump_dir: str | None = None):
+    """The compiled ``Executable`` for these arguments (compiled if needed).
+
+    Args:
+      *args: arguments like the step's.
+      dump_dir: if given, the plan and optimized HLO are written there (from
+        the cached executable: dumping never recompiles). The environment
+        variable ``ALPA_PY_DUMP_DIR`` does the same for every compile.
+    """
+    ex = self._executable_and_leaves(args)[0]
+    if dump_dir is not None:
+      ex.dump(dump_dir)
+    return ex
 
   def clear_cache(self) -> None:
     self._cache.clear()
@@ -57,6 +68,10 @@ class ParallelizedFunc:
     if ex is None:
       ex = driver.compile_step(self.fun, sig, self.method, backend)
       self._cache[key] = ex
+      dump_dir = os.environ.get("ALPA_PY_DUMP_DIR")
+      if dump_dir:
+        name = getattr(self.fun, "__name__", "step")
+        ex.dump(os.path.join(dump_dir, f"{name}-{len(self._cache)}"))
     return ex, leaves
 
   def _signature(self, args, backend=None) -> tuple[Signature, list]:

@@ -21,8 +21,9 @@ class EncoderLayer(nn.Module):
   def __call__(self, x):
     b, s, h = x.shape
     d = h // self.heads
-    qkv = nn.Dense(3 * h, name="qkv")(x).reshape(b, s, 3, self.heads, d)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # separate query / key / value projections, as in BERT
+    q, k, v = (nn.Dense(h, name=n)(x).reshape(b, s, self.heads, d)
+               for n in ("query", "key", "value"))
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(d)
     att = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(scores, -1), v)
     x = nn.LayerNorm()(x + nn.Dense(h, name="proj")(att.reshape(b, s, h)))

@@ -38,9 +38,12 @@ def _adjacent(ops, a: int, b: int) -> bool:
   """Whether one of the two ops reads an output of the other."""
   if a not in ops or b not in ops:
     return False
+  def tensors(refs):
+    return {t for t in refs if not isinstance(t, Literal)}
+
   oa, ob = ops[a], ops[b]
-  return bool(set(oa.outputs) & set(ob.inputs)) or \
-      bool(set(ob.outputs) & set(oa.inputs))
+  return bool(set(oa.outputs) & tensors(ob.inputs)) or \
+      bool(set(ob.outputs) & tensors(oa.inputs))
 
 
 def new_surcharges(graph: OpGraph, solution, events, compiled,

@@ -3,6 +3,7 @@ the backend runner that executes it."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -10,18 +11,71 @@ import jax
 from alpa_py.compiler.pipeline_program import PipelineProgram
 from alpa_py.compiler.program import Task
 from alpa_py.driver.plans import PipeshardPlan, ShardingPlan, SolveStats
+from alpa_py.driver.signature import Signature, make_signature
 from alpa_py.runtime.backend import Backend, Runner
 from alpa_py.runtime.distributed_array import ClusterGoneError
 
 
+def _difference(old: Signature, new: Signature) -> str:
+  if old.nargs != new.nargs:
+    return f"{new.nargs} arguments, compiled for {old.nargs}"
+  if old.treedefs != new.treedefs:
+    return "the arguments' tree structure differs"
+  for path, a, b in zip(old.paths, old.avals, new.avals):
+    if a != b:
+      return (f"{path} is {b.dtype}{list(b.shape)}, compiled for "
+              f"{a.dtype}{list(a.shape)}")
+  if old.static != new.static:
+    return "a static argument differs"
+  return "the devices differ"
+
+
 class _Loaded:
   """A step loaded on a backend: refuses to run once the backend is shut
-  down."""
+  down; callable like the step it was compiled from."""
 
-  def __init__(self, backend: Backend, runner: Runner, out_tree):
+  def __init__(self, backend: Backend, runner: Runner, out_tree,
+               sig: Signature):
     self._backend = backend
     self._runner = runner
     self._out_tree = out_tree
+    self.signature = sig
+
+  def __call__(self, *args) -> Any:
+    """Runs the step on arguments like those it was compiled for.
+
+    Raises:
+      TypeError: the arguments' structure, shapes or dtypes differ from the
+        compiled signature (the parallelized function would recompile; an
+        executable cannot).
+    """
+    sig = self.signature
+    new, leaves = make_signature(
+        args, static=tuple(n for n, _ in sig.static), donate=sig.donate,
+        batch=sig.batch, devices=sig.devices)
+    if new != sig:
+      raise TypeError("this executable was compiled for other arguments: "
+                      + _difference(sig, new) + "; call the parallelized "
+                      "function instead, which compiles for new arguments")
+    return self.call_flat(leaves)
+
+  def dump(self, directory: str) -> list[str]:
+    """Writes the plan and the optimized HLO into ``directory``; returns the
+    paths written."""
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    files = [("plan.txt", str(self.plan))]
+    hlo = self.hlo_text()
+    if isinstance(hlo, str):
+      files.append(("step.hlo.txt", hlo))
+    else:
+      files.extend((f"stage{k}.hlo.txt", h) for k, h in enumerate(hlo))
+    for name, text in files:
+      path = os.path.join(directory, name)
+      with open(path, "w") as f:
+        f.write(text)
+      written.append(path)
+    return written
 
   def call_flat(self, leaves) -> Any:
     """Runs on flat inputs; returns the output pytree."""
@@ -45,8 +99,9 @@ class Executable(_Loaded):
   """
 
   def __init__(self, task: Task, plan: ShardingPlan, mesh,
-               solve_stats: SolveStats, out_tree, backend: Backend):
-    super().__init__(backend, backend.step_runner(task), out_tree)
+               solve_stats: SolveStats, out_tree, backend: Backend,
+               sig: Signature):
+    super().__init__(backend, backend.step_runner(task), out_tree, sig)
     self.task = task
     self.plan = plan
     self.mesh = mesh
@@ -80,8 +135,8 @@ class PipeshardExecutable(_Loaded):
   """
 
   def __init__(self, program: PipelineProgram, plan: PipeshardPlan, out_tree,
-               compile_seconds: float, backend: Backend):
-    super().__init__(backend, backend.pipeline_runner(program), out_tree)
+               compile_seconds: float, backend: Backend, sig: Signature):
+    super().__init__(backend, backend.pipeline_runner(program), out_tree, sig)
     self.program = program
     self.plan = plan
     self.instructions = program.instructions

@@ -160,8 +160,15 @@ def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
   report["layer_clustering_seconds"] = time.perf_counter() - t0
   _progress.log(f"{layers.num_layers} layers, GFLOP per layer: "
                 + ", ".join(f"{f / 1e9:.3f}" for f in layers.layer_flops))
+  forced = option.force_data_parallel or \
+      option.force_batch_dim_to_mesh_dim is not None
+  batch_ids = [graph.invars[i] for i in sorted(sig.batch_inputs)]
   pieces = Pieces(graph, layers, pipe_ops,
-                  sorted(part.post, key=lambda o: o.index), part.marked)
+                  sorted(part.post, key=lambda o: o.index), part.marked,
+                  batch_dims=traced.batch_dims(sig) if forced else None,
+                  replicated_inputs=frozenset(
+                      set(graph.invars) - set(batch_ids))
+                  if option.force_data_parallel else frozenset())
   devices = list(sig.devices)
   t0 = time.perf_counter()
   specs = _stage_specs(method, pieces, devices, option, report)
@@ -180,7 +187,6 @@ def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
   update, update_sol, update_graph, update_mesh = _compile_update(
       traced, pieces, averaged, option, devices)
   clocks = clock_table(method.pipeline_schedule, len(stages), n)
-  batch_ids = [graph.invars[i] for i in sorted(sig.batch_inputs)]
   program = emit_program(stages, update, clocks, graph.invars, batch_ids,
                          averaged, n)
   plan = PipeshardPlan(
@@ -198,6 +204,6 @@ def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
           update_mesh, out_names=traced.out_names),
       compile_report=tuple(sorted(report.items())))
   ex = PipeshardExecutable(program, plan, traced.out_tree,
-                           time.perf_counter() - t_start, backend)
+                           time.perf_counter() - t_start, backend, sig)
   _progress.log(f"pipeline compiled in {ex.compile_seconds:.1f} s")
   return ex

@@ -143,6 +143,16 @@ def lower_and_compile(traced: TracedStep, planned: PlannedStep, sig: Signature,
   with _progress.step("XLA lowering + compile"):
     task = Task.compile(fn, arg_specs, range(len(ins)), range(len(outs)), ins,
                         outs, donate_argnums=sig.donated_inputs)
+  return describe(traced, planned, sig, config, task, mesh, t_start)
+
+
+def describe(traced: TracedStep, planned: PlannedStep, sig: Signature,
+             config: ShardConfig, task: Task, mesh: Mesh,
+             t_start: float) -> CompiledStep:
+  """The ``CompiledStep`` of a compiled ``task``: its plan, with the
+  collectives the plan predicts beside those XLA compiled."""
+  graph, best = traced.graph, planned.solution
+  n = traced.num_micro_batches
   counts = None
   if n == 1:
     # an accumulating step runs its body in a loop: the static count of its
@@ -150,7 +160,7 @@ def lower_and_compile(traced: TracedStep, planned: PlannedStep, sig: Signature,
     platform = mesh.devices.flat[0].platform
     events = plan_events(graph, best, planned.surcharge_map)
     counts = (count_collectives(graph, events, platform),
-              _compiled_counts(task))
+              collective_counts(task.hlo_text()))
   plan = make_plan(graph, best, sig.paths, len(graph.outvars),
                    config.method_name, config.option.cost_profile, mesh,
                    num_micro_batches=n, out_names=traced.out_names,
@@ -160,17 +170,25 @@ def lower_and_compile(traced: TracedStep, planned: PlannedStep, sig: Signature,
   return CompiledStep(task, plan, mesh, stats, planned)
 
 
-def _compiled_counts(task: Task) -> dict[str, int]:
-  return collective_counts(task.hlo_text())
+def _same_layouts(a: ShardingSolution, b: ShardingSolution) -> bool:
+  """Whether two solutions lower to the same program."""
+  return (a.mesh_shape, a.tensor_specs, a.operand_specs, a.constrained) == \
+      (b.mesh_shape, b.tensor_specs, b.operand_specs, b.constrained)
 
 
-def with_collective_replans(compile_with: Callable[[dict], CompiledStep],
+def with_collective_replans(plan_with: Callable[[dict], PlannedStep],
+                            compile_planned: Callable[[PlannedStep],
+                                                      CompiledStep],
+                            recount: Callable[[PlannedStep, CompiledStep],
+                                              CompiledStep],
                             traced: TracedStep,
                             config: ShardConfig) -> CompiledStep:
   """Compiles, charges ops for collectives XLA added that the plan did not
-  predict, and re-plans while that finds new ones (a few times at most)."""
+  predict, and re-plans while that finds new ones (a few times at most). A
+  re-plan that lowers to the same program is not compiled again: only its
+  prediction changes (the charged collectives are now part of it)."""
   surcharges: dict = {}
-  step = compile_with(surcharges)
+  step = compile_planned(plan_with(surcharges))
   for _ in range(_COLLECTIVE_REPLANS):
     if not step.plan.collective_mismatch:
       break
@@ -185,7 +203,11 @@ def with_collective_replans(compile_with: Callable[[dict], CompiledStep],
     _progress.log(f"XLA added {len(charged) - len(known)} resharding(s) the "
                   "plan did not price; charging their ops and re-planning")
     surcharges = {**surcharges, tuple(sol.mesh_shape): charged}
-    step = compile_with(surcharges)
+    planned = plan_with(surcharges)
+    if _same_layouts(planned.solution, sol):
+      step = recount(planned, step)
+    else:
+      step = compile_planned(planned)
   mismatch = step.plan.collective_mismatch
   if mismatch:
     warnings.warn(PlanMismatchWarning(
@@ -242,11 +264,14 @@ def compile_shard_parallel(fun: Callable, sig: Signature, config: ShardConfig,
   traced = trace_step(fun, sig, config.num_micro_batches)
 
   def compile_once(ilp_budget):
-    def compile_with(surcharges):
-      planned = plan_step(traced, sig, config, ilp_budget, surcharges)
-      return lower_and_compile(traced, planned, sig, config, t_start)
-    return with_collective_replans(compile_with, traced, config)
+    return with_collective_replans(
+        lambda charges: plan_step(traced, sig, config, ilp_budget, charges),
+        lambda planned: lower_and_compile(traced, planned, sig, config,
+                                          t_start),
+        lambda planned, step: describe(traced, planned, sig, config,
+                                       step.task, step.mesh, t_start),
+        traced, config)
 
   step = with_budget_retry(compile_once, config.memory_budget)
   return Executable(step.task, step.plan, step.mesh, step.stats,
-                    traced.out_tree, backend)
+                    traced.out_tree, backend, sig)

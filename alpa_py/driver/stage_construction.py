@@ -23,6 +23,7 @@ from alpa_py.compiler.graph import OpGraph, subgraph
 from alpa_py.compiler.lowering import io_shardings, make_step_fn
 from alpa_py.compiler.options import AutoShardingOption
 from alpa_py.compiler.program import Task, make_mesh
+from alpa_py.compiler.strategies.spec import replicated
 from alpa_py.compiler.stages import (AutoStageOption, CostSource,
                                      ManualStageOption, StageSpec,
                                      UniformStageOption,
@@ -31,11 +32,26 @@ from alpa_py.compiler.stages import (AutoStageOption, CostSource,
 
 @dataclasses.dataclass
 class Pieces:
+  """The step cut for a pipeline.
+
+  Attributes:
+    graph: the step's graph (one micro-batch).
+    layers: the layer assignment.
+    pipe_ops, post_ops: ops run per micro-batch / once (the update).
+    marked: the accumulated (gradient) tensors.
+    batch_dims: tensor id -> batch dim, where the options keep batch dims
+      on the data axes (None: they do not).
+    replicated_inputs: step inputs every stage keeps whole
+      (``force_data_parallel``: the parameters).
+  """
+
   graph: OpGraph
   layers: object
   pipe_ops: list
   post_ops: list
   marked: tuple
+  batch_dims: dict | None = None
+  replicated_inputs: frozenset = frozenset()
 
 
 def _stage_ops(pieces: Pieces, start: int, end: int):
@@ -74,7 +90,11 @@ def solve_stage(pieces: Pieces, start, end, logical,
   """The intra-op plan of layers [start, end) on a logical mesh:
   (solution, joint graph, forward graph, backward graph)."""
   joint, gf, gb = _stage_graphs(pieces, start, end)
-  sol = run_auto_sharding(joint, LogicalMesh(tuple(logical), profile), option)
+  specs = {i: [replicated(len(joint.tensor(t).shape))]
+           for i, t in enumerate(joint.invars)
+           if t in pieces.replicated_inputs}
+  sol = run_auto_sharding(joint, LogicalMesh(tuple(logical), profile), option,
+                          input_specs=specs, batch_dims=pieces.batch_dims)
   return sol, joint, gf, gb
 
 
