@@ -15,6 +15,7 @@ import dataclasses
 
 from alpa_py.compiler.cluster_env import LogicalMesh
 from alpa_py.compiler.graph import Literal, OpGraph
+from alpa_py.compiler.strategies.spec import FORBIDDEN_PENALTY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +26,11 @@ class Surcharge:
   seconds: float
 
 
-def _price(kind: str, nbytes: float, mesh: LogicalMesh) -> float:
+def _price(kind: str, nbytes: float, mesh: LogicalMesh,
+           forbidden: frozenset) -> float:
   axes = [a for a, s in enumerate(mesh.shape) if s > 1]
+  if kind in forbidden:  # an option forbids it: priced as the plan prices it
+    return FORBIDDEN_PENALTY
   if kind == "all-reduce":
     return sum(mesh.all_reduce(nbytes, a) for a in axes)
   if kind == "all-to-all":
@@ -47,14 +51,17 @@ def _adjacent(ops, a: int, b: int) -> bool:
 
 
 def new_surcharges(graph: OpGraph, solution, events, compiled,
-                   mesh: LogicalMesh, known) -> dict:
+                   mesh: LogicalMesh, known,
+                   forbidden: frozenset = frozenset()) -> dict:
   """Surcharges for collectives in ``compiled`` (``hlo_stats.collectives``)
   at an op beyond what ``events`` (``collectives.plan_events`` with the
   ``known`` surcharges) put there.
 
   Priced as the collective over every mesh axis on the op's largest operand
   or output (an upper bound of what resharding it can move). ``known``
-  surcharges are kept and not charged twice.
+  surcharges are kept and not charged twice. A kind in ``forbidden``
+  (``allow_all_gather=False``, ...) costs what a forbidden resharding costs
+  in the plan.
   """
   predicted = collections.Counter((e.op, e.kind) for e in events)
   seen = collections.Counter((c.graph_op, k) for c in compiled
@@ -86,5 +93,5 @@ def new_surcharges(graph: OpGraph, solution, events, compiled,
     old = out.get((op_idx, name))
     kinds = tuple(sorted((old.kinds if old else ()) + tuple(kinds)))
     out[(op_idx, name)] = Surcharge(
-        kinds, sum(_price(k, nbytes, mesh) for k in kinds))
+        kinds, sum(_price(k, nbytes, mesh, forbidden) for k in kinds))
   return out

@@ -48,6 +48,14 @@ class ShardConfig:
                method.num_micro_batches or 1, method.mesh_link_costs)
 
   @property
+  def forbidden_collectives(self) -> frozenset[str]:
+    """Collective kinds the options forbid (priced, not removed)."""
+    o = self.option
+    return frozenset(k for k, allowed in (("all-gather", o.allow_all_gather),
+                                          ("all-to-all", o.allow_all_to_all))
+                     if not allowed)
+
+  @property
   def forces_batch_dim(self) -> bool:
     o = self.option
     return o.force_batch_dim_to_mesh_dim is not None or o.force_data_parallel

@@ -197,7 +197,8 @@ def with_collective_replans(plan_with: Callable[[dict], PlannedStep],
     charged = new_surcharges(
         traced.graph, sol, plan_events(traced.graph, sol, known),
         collectives(step.task.hlo_text()),
-        _logical_mesh(config, sol.mesh_shape), known)
+        _logical_mesh(config, sol.mesh_shape), known,
+        forbidden=config.forbidden_collectives)
     if charged == known:
       break
     _progress.log(f"XLA added {len(charged) - len(known)} resharding(s) the "
