@@ -75,10 +75,9 @@ class StrategyConstraints:
       strats = kept or strats
     if self._heavy_rule and is_heavy(op.name):
       least = min(s.compute_cost for s in strats)
-      unsplit = max(s.compute_cost for s in strats if s.name.startswith(
-          "replicated")) if any(s.name.startswith("replicated")
-                                for s in strats) else None
-      if unsplit and least >= unsplit * (1 - 1e-9):
+      # the one strategy that splits no loop does all the work on each device
+      whole = [s.compute_cost for s in strats if s.name == "replicated"]
+      if whole and whole[0] > 0 and least >= whole[0] * (1 - 1e-9):
         shapes = " x ".join(
             f"{self._graph.tensor(t).dtype}{list(self._graph.tensor(t).shape)}"
             for t in op.inputs if not isinstance(t, Literal))

@@ -173,6 +173,9 @@ def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
   t0 = time.perf_counter()
   specs = _stage_specs(method, pieces, devices, option, report)
   report["stage_construction_seconds"] = time.perf_counter() - t0
+  backend.check_stage_placement([
+      tuple(d.id for d in devices[s.device_range[0]:s.device_range[1]])
+      for s in specs])
   _progress.log("stages: " + "; ".join(
       f"layers {s.layers[0]}-{s.layers[1] - 1} on {s.submesh_shape} as "
       f"{s.logical_shape}" for s in specs))

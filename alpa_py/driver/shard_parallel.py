@@ -78,11 +78,14 @@ def _logical_mesh(config: ShardConfig, shape) -> LogicalMesh:
 
 def plan_step(traced: TracedStep, sig: Signature, config: ShardConfig,
               memory_budget: float | None,
-              surcharges: dict | None = None) -> PlannedStep:
+              surcharges: dict | None = None,
+              solved: dict | None = None) -> PlannedStep:
   """Runs the intra-op pass on each candidate mesh; keeps the cheapest.
 
   Args:
     surcharges: mesh shape -> {(op index, strategy name): Surcharge}.
+    solved: a memo of earlier solves of this step (a re-plan re-solves only
+      the meshes whose surcharges changed).
 
   Raises:
     InfeasiblePlanError: no candidate mesh has a plan under the budget.
@@ -98,14 +101,23 @@ def plan_step(traced: TracedStep, sig: Signature, config: ShardConfig,
     if batch_dims is not None:
       check_batch_divisible(sig, traced.input_shapes, shape, option)
     charges = surcharges.get(tuple(shape), {})
-    try:
-      sol = run_auto_sharding(
-          traced.graph, _logical_mesh(config, shape), option,
-          input_specs=specs, aliases=traced.graph_aliases,
-          alias_penalty=penalty, batch_dims=batch_dims, surcharges=charges)
-    except InfeasiblePlanError as e:
-      failures.append(e)
+    key = (tuple(shape), memory_budget, tuple(sorted(charges.items())))
+    if solved is None or key not in solved:
+      try:
+        result = run_auto_sharding(
+            traced.graph, _logical_mesh(config, shape), option,
+            input_specs=specs, aliases=traced.graph_aliases,
+            alias_penalty=penalty, batch_dims=batch_dims, surcharges=charges)
+      except InfeasiblePlanError as e:
+        result = e
+      if solved is not None:
+        solved[key] = result
+    else:
+      result = solved[key]
+    if isinstance(result, InfeasiblePlanError):
+      failures.append(result)
       continue
+    sol = result
     candidates.append((shape, sol.objective))
     if best is None or sol.objective < best.objective - 1e-15:
       best, best_charges = sol, charges
@@ -170,6 +182,11 @@ def describe(traced: TracedStep, planned: PlannedStep, sig: Signature,
   return CompiledStep(task, plan, mesh, stats, planned)
 
 
+def _gap(step: CompiledStep) -> int:
+  """How many collectives the compiled step and its plan disagree on."""
+  return sum(abs(p - c) for p, c in step.plan.collective_mismatch.values())
+
+
 def _same_layouts(a: ShardingSolution, b: ShardingSolution) -> bool:
   """Whether two solutions lower to the same program."""
   return (a.mesh_shape, a.tensor_specs, a.operand_specs, a.constrained) == \
@@ -207,8 +224,11 @@ def with_collective_replans(plan_with: Callable[[dict], PlannedStep],
     planned = plan_with(surcharges)
     if _same_layouts(planned.solution, sol):
       step = recount(planned, step)
-    else:
-      step = compile_planned(planned)
+      continue
+    replanned = compile_planned(planned)
+    if _gap(replanned) >= _gap(step):
+      break  # the new layout did not bring XLA closer to its plan: keep it
+    step = replanned
   mismatch = step.plan.collective_mismatch
   if mismatch:
     warnings.warn(PlanMismatchWarning(
@@ -264,9 +284,12 @@ def compile_shard_parallel(fun: Callable, sig: Signature, config: ShardConfig,
   t_start = time.perf_counter()
   traced = trace_step(fun, sig, config.num_micro_batches)
 
+  solved: dict = {}
+
   def compile_once(ilp_budget):
     return with_collective_replans(
-        lambda charges: plan_step(traced, sig, config, ilp_budget, charges),
+        lambda charges: plan_step(traced, sig, config, ilp_budget, charges,
+                                  solved),
         lambda planned: lower_and_compile(traced, planned, sig, config,
                                           t_start),
         lambda planned, step: describe(traced, planned, sig, config,

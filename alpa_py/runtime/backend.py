@@ -50,6 +50,10 @@ class Backend(Protocol):
 
   def step_runner(self, task: Task) -> Runner: ...
 
+  def check_stage_placement(self, stage_device_ids) -> None:
+    """Raises ``ValueError`` if this backend cannot run pipeline stages on
+    these devices (checked before any stage is compiled)."""
+
   def pipeline_runner(self, program: PipelineProgram) -> Runner: ...
 
   def shutdown(self) -> None: ...
@@ -97,6 +101,9 @@ class LocalBackend:
 
   def step_runner(self, task: Task) -> LocalStepRunner:
     return LocalStepRunner(task)
+
+  def check_stage_placement(self, stage_device_ids) -> None:
+    pass  # one process holds every device
 
   def pipeline_runner(self, program: PipelineProgram) -> LocalPipelineRunner:
     return LocalPipelineRunner(program, blocks(self.devices))

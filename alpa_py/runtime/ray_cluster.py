@@ -21,7 +21,7 @@ from alpa_py.compiler.pipeline_program import PipelineProgram
 from alpa_py.compiler.program import Task
 from alpa_py.runtime.backend import next_serial
 from alpa_py.runtime.ray_executable import RayStepRunner
-from alpa_py.runtime.ray_pipeshard import RayPipelineRunner
+from alpa_py.runtime.ray_pipeshard import RayPipelineRunner, stage_hosts
 from alpa_py.runtime.worker import HostWorker
 
 _handles = itertools.count(1)
@@ -120,6 +120,9 @@ class RayCluster:
 
   def step_runner(self, task: Task) -> RayStepRunner:
     return RayStepRunner(task, self)
+
+  def check_stage_placement(self, stage_device_ids) -> None:
+    stage_hosts(stage_device_ids, self.devices_per_host)
 
   def pipeline_runner(self, program: PipelineProgram) -> RayPipelineRunner:
     return RayPipelineRunner(program, self)

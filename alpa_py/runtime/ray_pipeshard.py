@@ -45,14 +45,15 @@ class Mailbox:
       self.events.pop(key, None)
 
 
-def stage_hosts(program: PipelineProgram, devices_per_host: int) -> tuple:
-  """The host of each stage; a stage must not span hosts."""
+def stage_hosts(stage_device_ids, devices_per_host: int) -> tuple:
+  """The host of each stage (given each stage's device ids); a stage must
+  not span hosts."""
   hosts = []
-  for st in program.stages:
-    found = {d // devices_per_host for d in st.device_ids}
+  for k, device_ids in enumerate(stage_device_ids):
+    found = {d // devices_per_host for d in device_ids}
     if len(found) != 1:
       raise ValueError(
-          f"stage {st.index} spans devices {list(st.device_ids)} on hosts "
+          f"stage {k} spans devices {list(device_ids)} on hosts "
           f"{sorted(found)}; on Ray each stage must fit in one host of "
           f"{devices_per_host} devices (use submeshes of at most "
           f"{devices_per_host})")
@@ -66,7 +67,8 @@ class RayPipelineRunner:
   def __init__(self, program: PipelineProgram, cluster):
     import ray
     self._cluster = cluster
-    hosts = stage_hosts(program, cluster.devices_per_host)
+    hosts = stage_hosts([st.device_ids for st in program.stages],
+                        cluster.devices_per_host)
     self._num_outputs = len(program.update.out_ids)
     self._key = next(_keys)
     self._mailbox = ray.remote(Mailbox).options(num_cpus=0).remote()
