@@ -16,6 +16,7 @@ import itertools
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from alpa_py.compiler.pipeline_program import PipelineProgram
 from alpa_py.runtime.distributed_array import DistributedArray
@@ -107,7 +108,6 @@ class WorkerTransport:
   block = True
 
   def __init__(self, program, hosts, rank, loaded, inputs, step, mailbox):
-    from jax.experimental import multihost_utils
     self._program, self._hosts, self._rank = program, hosts, rank
     self._loaded, self._inputs = loaded, inputs
     self._step, self._mailbox = step, mailbox
