@@ -146,7 +146,7 @@ class PipeshardExecutable(_Loaded):
   def last_run_stats(self):
     """``RunStats`` of the last call (local backend: peak live activation
     bytes, transfers, tasks run)."""
-    return getattr(self._runner, "last_run_stats", None)
+    return self._runner.last_run_stats
 
   def memory_per_device(self) -> tuple[int, ...]:
     """Per stage, XLA's peak bytes per device (the larger of fwd / bwd)."""

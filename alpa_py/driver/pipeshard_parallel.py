@@ -165,7 +165,7 @@ def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
   batch_ids = [graph.invars[i] for i in sorted(sig.batch_inputs)]
   pieces = Pieces(graph, layers, pipe_ops,
                   sorted(part.post, key=lambda o: o.index), part.marked,
-                  batch_dims=traced.batch_dims(sig) if forced else None,
+                  batch_dims=traced.batch_dims if forced else None,
                   replicated_inputs=frozenset(
                       set(graph.invars) - set(batch_ids))
                   if option.force_data_parallel else frozenset())

@@ -93,7 +93,7 @@ def plan_step(traced: TracedStep, sig: Signature, config: ShardConfig,
   option = dataclasses.replace(config.option,
                                memory_budget_per_device=memory_budget)
   penalty = 0.0 if config.layout is InputLayout.AUTO else FORBIDDEN_PENALTY
-  batch_dims = traced.batch_dims(sig) if config.forces_batch_dim else None
+  batch_dims = traced.batch_dims if config.forces_batch_dim else None
   surcharges = surcharges or {}
   best, best_charges, candidates, failures = None, {}, [], []
   for shape in config.mesh_shapes:

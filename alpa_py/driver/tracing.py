@@ -9,6 +9,7 @@ layouts equal and the step can run again on its own outputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -31,6 +32,7 @@ class TracedStep:
     input_shapes: the traced shape of each flat input.
     out_names: readable name of each flat output.
     num_micro_batches: micro-batches the batch inputs were split into.
+    batch_inputs: flat positions of the batch inputs.
   """
 
   graph: OpGraph
@@ -39,11 +41,14 @@ class TracedStep:
   input_shapes: tuple[tuple[int, ...], ...]
   out_names: tuple[str, ...]
   num_micro_batches: int
+  batch_inputs: frozenset[int] = frozenset()
 
-  def batch_dims(self, sig: Signature) -> dict[int, int]:
-    """Tensor id -> batch dim, seeded with dim 0 of the batch inputs."""
+  @functools.cached_property
+  def batch_dims(self) -> dict[int, int]:
+    """Tensor id -> batch dim, seeded with dim 0 of the batch inputs
+    (inferred once: every re-plan of the step reads it)."""
     return infer_batch_dims(self.graph, batch_seeds(self.graph,
-                                                    sig.batch_inputs))
+                                                    self.batch_inputs))
 
   @property
   def graph_aliases(self) -> list[tuple[int, int]]:
@@ -124,4 +129,5 @@ def trace_step(fun: Callable, sig: Signature,
   graph = build_graph(closed)
   _progress.log(f"graph: {graph.summary()}")
   return TracedStep(graph, out_tree, alias_pairs, tuple(map(tuple, shapes)),
-                    out_names_of(out_tree), num_micro_batches)
+                    out_names_of(out_tree), num_micro_batches,
+                    sig.batch_inputs)

@@ -75,6 +75,7 @@ class RayPipelineRunner:
     self._mailbox = ray.remote(Mailbox).options(num_cpus=0).remote()
     cluster.extra_actors.append(self._mailbox)
     self._steps = itertools.count()
+    self.last_run_stats = None  # measured on the workers, not reported back
     cluster.call_all("load_pipeline", self._key, program.portable(), hosts)
 
   def call_flat(self, leaves) -> list:
