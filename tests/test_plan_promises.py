@@ -172,31 +172,86 @@ def test_the_ilp_finds_the_cheaper_2x8_plan_with_mixed_reductions(monkeypatch):
   assert any("+RS1+AR0" in name for _, name in mixed.op_strategies)
 
 
-def test_pipeline_stages_keep_force_data_parallel():
-  """The option reaches every stage: each stage splits the batch of every
-  dot, keeps its parameters whole, and its backward program reduces its
-  gradients in one merged collective (an all-reduce, or a reduce-scatter
-  where the gradient leaves the stage sharded; per micro-batch: deferring it
-  to one per step is not done yet)."""
-  from pipeline_models import mlp_pipeline
-  state, batch, step = mlp_pipeline()
-  opt = dataclasses.replace(OPT, force_data_parallel=True)
-  par = alpa_py.parallelize(step, method=alpa_py.PipeshardParallel(
+def _pipeline(step, force_data_parallel=True):
+  opt = dataclasses.replace(OPT, force_data_parallel=force_data_parallel)
+  return alpa_py.parallelize(step, method=alpa_py.PipeshardParallel(
       num_micro_batches=2,
       stage_option=alpa_py.UniformStageOption(num_stages=2),
       default_auto_sharding_option=opt))
+
+
+def _pipeline_data_parallel(make, reference=None):
+  """The data-parallel pipeline's executable, after checking one step
+  against ``reference`` (default: the single-device step)."""
+  state, batch, step = make()
+  par = _pipeline(step)
   ex = par.get_executable(state, batch)
+  ref_state, ref_loss = (reference or jax.jit(step))(state, batch)
+  out, loss = par(state, batch)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(out.params),
+                  jax.tree_util.tree_leaves(ref_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-5)
+  return ex
+
+
+@pytest.mark.parametrize("model", ["mlp", "gpt"])
+def test_pipeline_stages_keep_force_data_parallel(model):
+  """The option reaches every stage: each stage splits the batch of every
+  dot and keeps its parameters whole; its backward keeps per-device partial
+  gradients (no collective per micro-batch) and its reduce program reduces
+  them in one merged all-reduce per step, after accumulation. The GPT ties
+  its embedding, so one stage's backward hands a partial gradient to the
+  other's."""
+  from pipeline_models import gpt_pipeline, mlp_pipeline
+  ex = _pipeline_data_parallel(
+      {"mlp": mlp_pipeline, "gpt": gpt_pipeline}[model])
   for stage, program in zip(ex.plan.stages, ex.program.stages):
     assert all(s != "replicated" for _, s in stage.strategies), stage
     for t in stage.inputs:
       if "params" in t.name:
         assert t.spec == jax.sharding.PartitionSpec(), t
+    assert stage.gradient_reduction.startswith("once per step"), stage
     counts = collective_counts(program.backward.hlo_text())
-    assert counts["all-reduce"] + counts["reduce-scatter"] == 1, counts
-    assert counts["all-gather"] == counts["all-to-all"] == 0, counts
-  ref_state, ref_loss = jax.jit(step)(state, batch)
-  out, loss = par(state, batch)
-  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    assert sum(counts.values()) == 0, counts
+    counts = collective_counts(program.reduce.hlo_text())
+    assert counts["all-reduce"] == 1 and sum(counts.values()) == 1, counts
+  reduces = [i for i in ex.program.instructions
+             if i.kind is alpa_py.compiler.pipeline_program.Instr.REDUCE]
+  assert len(reduces) == len(ex.program.stages)
+  assert "gradients reduced once per step" in str(ex.plan)
+
+
+def test_a_batch_statistic_keeps_the_reduction_per_micro_batch():
+  """A backward that reads a value reduced over the batch (a centring
+  mean) cannot keep per-device partials: the stage says why and still
+  equals the pipeline without the option (a per-micro-batch mean differs
+  from the whole batch's, so not the single-device step)."""
+  import flax.linen as nn
+  from pipeline_models import _state, _step, _mse
+
+  class Centred(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Dense(32)(x))
+      alpa_py.mark_pipeline_boundary()
+      x = nn.Dense(32)(x)
+      x = x - x.mean(0, keepdims=True)
+      return nn.Dense(8)(nn.relu(x))
+
+  def make():
+    kx, ky = jax.random.split(jax.random.PRNGKey(1))
+    b = {"x": jax.random.normal(kx, (32, 16)),
+         "y": jax.random.normal(ky, (32, 8))}
+    return _state(Centred(), b["x"]), b, _step(_mse)
+
+  ex = _pipeline_data_parallel(
+      make, reference=_pipeline(make()[2], force_data_parallel=False))
+  notes = [s.gradient_reduction for s in ex.plan.stages]
+  assert notes[0].startswith("once per step"), notes
+  assert notes[1].startswith("per micro-batch (") and "batch" in notes[1], \
+      notes
 
 
 def test_a_heavy_op_no_strategy_can_split_is_named():

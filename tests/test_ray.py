@@ -169,26 +169,32 @@ def test_gpt_state_fed_back_in_its_output_layout(two_hosts):
 
 def test_two_stage_pipeline_across_two_hosts(two_hosts):
   from pipeline_models import gpt_pipeline
-  state, batch, step = gpt_pipeline(layers=2, batch=8)
+  state, batch, step = gpt_pipeline(layers=2, batch=16)
   ref = state
   for _ in range(3):
     ref, ref_loss = jax.jit(step)(ref, batch)
   calls = {}
-  for n in (2, 4):
+  # (micro-batches, force_data_parallel): with the option, each stage keeps
+  # per-device partial gradients and reduces them once per step on its host
+  for n, dp in ((2, False), (4, False), (2, True)):
     par = alpa_py.parallelize(step, method=alpa_py.PipeshardParallel(
-        num_micro_batches=n, stage_option=alpa_py.UniformStageOption(num_stages=2)))
+        num_micro_batches=n, stage_option=alpa_py.UniformStageOption(num_stages=2),
+        default_auto_sharding_option=alpa_py.AutoShardingOption(
+            force_data_parallel=dp)))
     ex = par.get_executable(state, batch)
     assert [s.device_ids for s in ex.plan.stages] == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert all(s.gradient_reduction.startswith("once per step") == dp
+               for s in ex.plan.stages), str(ex.plan)
     out = state
     before = two_hosts.remote_calls
     for _ in range(3):
       out, loss = par(out, batch)
-    calls[n] = (two_hosts.remote_calls - before) / 3
+    calls[(n, dp)] = (two_hosts.remote_calls - before) / 3
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
     _close(out.params, ref.params)
   # one call per worker (+ one to clear the mailbox) per step, whatever the
   # number of micro-batches
-  assert calls[2] == calls[4] == len(two_hosts.workers) + 1
+  assert set(calls.values()) == {len(two_hosts.workers) + 1}
 
 
 def test_stage_spanning_hosts_is_rejected(two_hosts):

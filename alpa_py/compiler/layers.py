@@ -8,7 +8,10 @@ contiguous groups whose FLOPs stay within ``(1 + eps)`` of the mean, with the
 largest bytes crossing any boundary minimised. A backward op joins the
 lowest layer among the backward values it reads, or the latest home among
 the forward values it reads if that is lower (a forward value's home is the
-last layer reading it in the forward pass). Every backward dependency then
+last layer reading it in the forward pass). A backward op that reads
+neither (only step inputs and constants: a parameter-only op, such as the
+forward recomputed under ``jax.checkpoint``) joins the highest layer among
+its readers (see ``_place_input_only_ops``). Every backward dependency then
 points from a later layer to an earlier one, as the schedules require.
 """
 
@@ -171,6 +174,41 @@ def _auto_forward_layers(graph: OpGraph, fwd_ops: list[Op],
           for op in fwd_ops}
 
 
+def _place_input_only_ops(graph: OpGraph, ops: Sequence[Op],
+                          layer_of: dict[int, int],
+                          num_layers: int) -> dict[int, int]:
+  """Layers of the backward ops that read only step inputs and constants.
+
+  Such an op (a ``select_n`` on a parameter in the forward that a
+  ``jax.checkpoint``-ed block recomputes in the backward, a zero fill) has
+  no input that ties it to a layer, but its readers do, and it must run
+  before every one of them, for every micro-batch. A micro-batch's backward
+  runs from the last stage to the first, so the first of its readers to
+  run is the one in the highest layer: the op joins that layer, and the
+  stages of lower-layer readers receive its value like any other backward
+  value. (Joining the lowest reader's layer, as ordinary backward values do,
+  would run it after a higher-layer reader had needed it.) An op read only
+  outside the pipeline (by the update) joins the last layer.
+
+  Args:
+    graph: the step's graph.
+    ops: the ops to place, in program order.
+    layer_of: the layers of every other pipeline op.
+    num_layers: number of layers.
+
+  Returns:
+    Op index -> layer, for ``ops``.
+  """
+  placed: dict[int, int] = {}
+  # last op first: a chain of such ops climbs to its highest reader's layer
+  for op in reversed(ops):
+    readers = [placed[c] if c in placed else layer_of[c]
+               for t in op.outputs for c in graph.consumers.get(t, ())
+               if c in placed or c in layer_of]
+    placed[op.index] = max(readers) if readers else num_layers - 1
+  return placed
+
+
 def assign_layers(graph: OpGraph, ops: Sequence[Op],
                   option) -> LayerAssignment:
   """Gives every op of the pipelined part of the step a layer.
@@ -227,14 +265,7 @@ def assign_layers(graph: OpGraph, ops: Sequence[Op],
         bwd_tensor_layer[t] = layer
     else:
       pending.append(op)
-  # ops reading only step inputs/constants: run with their first consumer
-  for op in reversed(pending):
-    consumer_layers = [layer_of[c] for t in op.outputs
-                       for c in graph.consumers.get(t, ()) if c in layer_of]
-    layer = min(consumer_layers) if consumer_layers else num_layers - 1
-    layer_of[op.index] = layer
-    for t in op.outputs:
-      bwd_tensor_layer[t] = layer
+  layer_of.update(_place_input_only_ops(graph, pending, layer_of, num_layers))
   flops = [0.0] * num_layers
   for op in ops:
     flops[layer_of[op.index]] += op.flops

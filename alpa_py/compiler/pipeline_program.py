@@ -5,8 +5,11 @@ The schedule's clock table becomes an instruction list: RECV moves a tensor
 (a step input, this micro-batch's slice of the batch, or another task's
 output) into a task's submesh and layout; RUN runs a stage's compiled forward
 or backward program; ACC adds a marked value (gradient, loss) into its
-accumulator; FREE drops a micro-batch tensor after its last reader. After the
-list, the update runs once on the accumulated values.
+accumulator; FREE drops a micro-batch tensor after its last reader; REDUCE
+runs a stage's reduce program on its accumulators once its last backward has
+run (data-parallel stages that keep per-device partial gradients, see
+``compiler/deferred_reduction.py``). After the list, the update runs once on
+the accumulated values.
 
 ``PipelineProgram`` is a frozen value: the local runtime and the Ray runtime
 run it with the same interpreter (``runtime/pipeline_interpreter.py``).
@@ -29,6 +32,7 @@ class Instr(enum.Enum):
   RUN = "run"  # run a stage's forward or backward program
   ACC = "acc"  # add a marked output into its accumulator
   FREE = "free"  # drop a micro-batch tensor after its last use
+  REDUCE = "red"  # reduce a stage's stacked per-device accumulators
 
 
 class TaskKind(str, enum.Enum):
@@ -60,15 +64,20 @@ class Instruction:
 
 @dataclasses.dataclass(frozen=True)
 class StageProgram:
-  """One stage: its two programs and its devices."""
+  """One stage: its two programs, its devices and, where its backward keeps
+  per-device partial gradients, the program that reduces them once per step
+  (``reduce``, task kind "R")."""
 
   index: int
   forward: Task
   backward: Task
   device_ids: tuple[int, ...]
   logical_shape: tuple[int, ...]
+  reduce: Task | None = None
 
   def task(self, kind: str) -> Task:
+    if kind == "R":
+      return self.reduce
     return self.forward if kind == TaskKind.FORWARD else self.backward
 
 
@@ -111,9 +120,9 @@ class PipelineProgram:
 
   def portable(self) -> "PipelineProgram":
     """The program with every task in its exported, portable form."""
-    stages = tuple(dataclasses.replace(s, forward=s.forward.portable(),
-                                       backward=s.backward.portable())
-                   for s in self.stages)
+    stages = tuple(dataclasses.replace(
+        s, forward=s.forward.portable(), backward=s.backward.portable(),
+        reduce=s.reduce and s.reduce.portable()) for s in self.stages)
     return dataclasses.replace(self, stages=stages,
                                update=self.update.portable())
 
@@ -155,6 +164,8 @@ def build_instructions(tasks, stages: Sequence[StageProgram], per_step,
     num_micro_batches: micro-batches per step.
   """
   frees = _last_uses(tasks, stages, per_step, num_micro_batches)
+  last_backward = {s: pos for pos, (kind, s, _) in enumerate(tasks)
+                   if kind == TaskKind.BACKWARD}
   out = []
   seen = set()
   for pos, (kind, s, m) in enumerate(tasks):
@@ -172,6 +183,8 @@ def build_instructions(tasks, stages: Sequence[StageProgram], per_step,
         out.append(Instruction(Instr.ACC, s, kind, m, t))
     for t in frees.get(pos, ()):
       out.append(Instruction(Instr.FREE, s, kind, m, t))
+    if stages[s].reduce is not None and last_backward.get(s) == pos:
+      out.append(Instruction(Instr.REDUCE, s, "R", None))
   return tuple(out)
 
 

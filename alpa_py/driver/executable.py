@@ -19,6 +19,11 @@ from alpa_py.runtime.distributed_array import ClusterGoneError
 def _difference(old: Signature, new: Signature) -> str:
   if old.nargs != new.nargs:
     return f"{new.nargs} arguments, compiled for {old.nargs}"
+  old_held, new_held = dict(old.static_leaves), dict(new.static_leaves)
+  for path in old_held.keys() & new_held.keys():
+    if old_held[path] != new_held[path]:
+      return (f"the static value at {path} is {new_held[path].value!r:.60}, "
+              f"compiled for {old_held[path].value!r:.60}")
   if old.treedefs != new.treedefs:
     return "the arguments' tree structure differs"
   for path, a, b in zip(old.paths, old.avals, new.avals):
@@ -154,8 +159,10 @@ class PipeshardExecutable(_Loaded):
                  for st in self.program.stages)
 
   def hlo_text(self) -> tuple[str, ...]:
-    """Per stage, the optimized HLO of its forward and backward programs."""
-    return tuple(st.forward.hlo_text() + "\n" + st.backward.hlo_text()
+    """Per stage, the optimized HLO of its forward and backward programs
+    (and of its gradient reduce program, where it has one)."""
+    return tuple("\n".join(t.hlo_text() for t in (st.forward, st.backward,
+                                                   st.reduce) if t)
                  for st in self.program.stages)
 
   @property

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from alpa_py import _progress
-from alpa_py.compiler import accumulation
+from alpa_py.compiler import accumulation, deferred_reduction
 from alpa_py.compiler.auto_sharding import InfeasiblePlanError, run_auto_sharding
 from alpa_py.compiler.cluster_env import (LogicalMesh, get_profile,
                                           mesh_factorizations)
@@ -26,6 +26,7 @@ from alpa_py.compiler.lowering import (constraint_hooks, io_shardings,
                                        tensor_spec)
 from alpa_py.compiler.options import AutoShardingOption
 from alpa_py.compiler.pipeline_program import StageProgram, emit_program
+from alpa_py.compiler.program_check import check_program
 from alpa_py.compiler.program import Task, make_mesh
 from alpa_py.compiler.schedules import clock_table
 from alpa_py.compiler.stages import ManualStageOption, UniformStageOption
@@ -112,13 +113,65 @@ def _tensor_plan(names: dict, graph: OpGraph, sol, t, mesh) -> TensorPlan:
                                       mesh.axis_names))
 
 
+class _PerDeviceTraces:
+  """The step traced at the per-device batch of a data-parallel stage
+  (``deferred_reduction``), once per stage size."""
+
+  def __init__(self, fun: Callable, sig: Signature, traced: TracedStep):
+    self._fun, self._sig, self._traced = fun, sig, traced
+    self._graphs: dict = {}
+    graph = traced.graph
+    self.derived = deferred_reduction.batch_derived(
+        graph, [graph.invars[i] for i in sorted(sig.batch_inputs)])
+
+  def graph(self, d: int):
+    """(per-device OpGraph, its ``SplitDims``), or (None, why not)."""
+    if d not in self._graphs:
+      n = self._traced.num_micro_batches
+      try:
+        local = trace_step(self._fun, self._sig, n * d).graph
+      except Exception as e:  # pylint: disable=broad-except
+        self._graphs[d] = (None, f"the step does not trace at 1/{d} of the "
+                           f"micro-batch ({type(e).__name__}: {e})")
+      else:
+        dims, why = deferred_reduction.split_dims(
+            self._traced.graph, local, self._traced.batch_dims, self.derived,
+            d)
+        self._graphs[d] = (None, why) if why else (local, dims)
+    return self._graphs[d]
+
+
+def _deferrals(traces: _PerDeviceTraces | None, pieces: Pieces, solved):
+  """Per stage, its ``Deferral`` and per-device trace (see
+  ``deferred_reduction``), or None and a note on its gradient reduction."""
+  if traces is None:
+    return [(None, "")] * len(solved)
+  splits, locals_ = [], []
+  for *_, mesh in solved:
+    d = mesh.devices.size
+    local, split = traces.graph(d) if d > 1 else (None, "one device")
+    locals_.append((local, split))
+    splits.append((d, split) if local is not None else split)
+  plans = deferred_reduction.plan_deferrals(
+      [gb for _, _, _, gb, _ in solved], [gf for _, _, gf, _, _ in solved],
+      splits, pieces.batch_dims, traces.derived, set(pieces.marked))
+  out = []
+  for p, (local, split) in zip(plans, locals_):
+    if isinstance(p, str):
+      out.append((None, f"per micro-batch ({p})"))
+    else:
+      out.append(((p, local, split), "once per step "
+                  f"({len(p.accumulated)} accumulated partials)"))
+  return out
+
+
 def _compile_stages(pieces: Pieces, specs, devices, option: AutoShardingOption,
-                    names: dict):
-  """Per stage, its intra-op plan and two compiled programs: (the
+                    names: dict, traces: _PerDeviceTraces | None = None):
+  """Per stage, its intra-op plan and compiled programs: (the
   ``StageProgram``s, their ``StagePlan``s)."""
   graph = pieces.graph
   profile = get_profile(option.cost_profile)
-  stages, stage_plans = [], []
+  solved = []
   for k, spec in enumerate(specs):
     try:
       sol, joint, gf, gb = solve_stage(pieces, *spec.layers, spec.logical_shape,
@@ -128,10 +181,21 @@ def _compile_stages(pieces: Pieces, specs, devices, option: AutoShardingOption,
                                 f"{spec.layers[1] - 1}) fits no plan on its "
                                 f"submesh {spec.submesh_shape}: {e}") from None
     sub = devices[spec.device_range[0]:spec.device_range[1]]
-    mesh = make_mesh(sub, spec.logical_shape)
-    f, b = compile_task(gf, sol, mesh), compile_task(gb, sol, mesh)
-    device_ids = tuple(d.id for d in sub)
-    stages.append(StageProgram(k, f, b, device_ids, tuple(spec.logical_shape)))
+    solved.append((sol, joint, gf, gb, make_mesh(sub, spec.logical_shape)))
+  stages, stage_plans = [], []
+  for k, (spec, (sol, joint, gf, gb, mesh), (deferral, note)) in enumerate(
+      zip(specs, solved, _deferrals(traces, pieces, solved))):
+    f, r = compile_task(gf, sol, mesh), None
+    if deferral is None:
+      b = compile_task(gb, sol, mesh)
+    else:
+      d, local, split = deferral
+      b = deferred_reduction.compile_backward(gb, local, split, d, mesh)
+      r = deferred_reduction.compile_reduce(gb, d.accumulated, mesh) \
+          if d.accumulated else None
+    device_ids = tuple(d.id for d in mesh.devices.flat)
+    stages.append(StageProgram(k, f, b, device_ids, tuple(spec.logical_shape),
+                               reduce=r))
     stage_plans.append(StagePlan(
         index=k, layers=spec.layers, submesh_shape=spec.submesh_shape,
         logical_shape=spec.logical_shape, device_ids=device_ids,
@@ -140,7 +204,8 @@ def _compile_stages(pieces: Pieces, specs, devices, option: AutoShardingOption,
         inputs=tuple(_tensor_plan(names, graph, sol, t, mesh)
                      for t in joint.invars),
         strategies=tuple((op.name, sol.strategy_of.get(op.index, "follows"))
-                         for op in joint.ops if is_heavy(op.name))))
+                         for op in joint.ops if is_heavy(op.name)),
+        gradient_reduction=note))
   return stages, stage_plans
 
 
@@ -182,7 +247,10 @@ def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
 
   names = dict(zip(graph.invars, sig.paths))
   t0 = time.perf_counter()
-  stages, stage_plans = _compile_stages(pieces, specs, devices, option, names)
+  traces = _PerDeviceTraces(fun, sig, traced) \
+      if option.force_data_parallel and n > 1 else None
+  stages, stage_plans = _compile_stages(pieces, specs, devices, option, names,
+                                        traces)
   report["stage_compile_seconds"] = time.perf_counter() - t0
 
   produced = {t for st in stages for t in st.forward.out_ids + st.backward.out_ids}
@@ -192,6 +260,7 @@ def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
   clocks = clock_table(method.pipeline_schedule, len(stages), n)
   program = emit_program(stages, update, clocks, graph.invars, batch_ids,
                          averaged, n)
+  check_program(program, graph)  # every read finds its value, or raise
   plan = PipeshardPlan(
       stages=tuple(stage_plans),
       schedule=tuple(" ".join(f"{kind}{s}.{m}" for kind, s, m in clock)

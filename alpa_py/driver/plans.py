@@ -145,6 +145,9 @@ class StagePlan:
       micro-batch).
     inputs: layout of every tensor the stage reads.
     strategies: (primitive, strategy) of each dot/conv in the stage.
+    gradient_reduction: under ``force_data_parallel``, when the stage
+      reduces its gradients over its devices ("once per step", or "per
+      micro-batch" and why); empty otherwise.
   """
 
   index: int
@@ -157,6 +160,7 @@ class StagePlan:
   predicted_seconds: float
   inputs: tuple[TensorPlan, ...]
   strategies: tuple[tuple[str, str], ...]
+  gradient_reduction: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +186,8 @@ class PipeshardPlan:
           f"{list(s.device_ids)} submesh {s.submesh_shape} logical "
           f"{s.logical_shape}, {s.num_forward_ops} fwd + {s.num_backward_ops} "
           f"bwd ops, predicted {s.predicted_seconds * 1e3:.3f} ms/micro-batch")
+      if s.gradient_reduction:
+        lines.append(f"      gradients reduced {s.gradient_reduction}")
       for prim, strat in s.strategies:
         lines.append(f"      {prim:<20} {strat}")
     lines.append("  schedule (one clock per line):")

@@ -34,7 +34,8 @@ class Transport(Protocol):
     """Whether this process runs ``stage``'s instructions."""
 
   def program(self, key) -> tuple[Callable, tuple]:
-    """(callable, argument shardings) of ``("F"|"B", stage)`` or "update"."""
+    """(callable, argument shardings) of ``("F"|"B"|"R", stage)`` or
+    "update"."""
 
   def step_value(self, t: int) -> Any:
     """A per-step input (a parameter), in any layout."""
@@ -123,6 +124,15 @@ def interpret(program: PipelineProgram,
       stats.peak_activation_bytes = max(stats.peak_activation_bytes, live)
     elif ins.kind is Instr.ACC:
       acc[t] = last[t] if t not in acc else acc[t] + last[t]
+    elif ins.kind is Instr.REDUCE:
+      task = program.task(s, "R")
+      fn, shardings = transport.program(("R", s))
+      outs = fn(*[transport.place(acc[x], shd)
+                  for x, shd in zip(task.in_ids, shardings)])
+      if transport.block:
+        jax.block_until_ready(outs)
+      acc.update(zip(task.out_ids, outs))
+      stats.tasks += 1
     else:  # FREE
       store.pop((t, m), None)
       for key in [key for key in moved if key[0] == t and key[1] == m]:

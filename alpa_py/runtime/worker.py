@@ -100,6 +100,8 @@ class HostWorker:
       if hosts[st.index] == self.rank:
         loaded[("F", st.index)] = self._load_task(st.forward)
         loaded[("B", st.index)] = self._load_task(st.backward)
+        if st.reduce is not None:
+          loaded[("R", st.index)] = self._load_task(st.reduce)
     self.pipelines[key] = (program, hosts, loaded)
     return True
 
