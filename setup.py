@@ -24,7 +24,14 @@ setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7"],
+        # equinox: tests/test_signatures.py passes an Equinox module whole
+        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7",
+                 "equinox>=0.13.8,<0.14"],
+        # tests/test_solver_backends.py: TensorFlow imported before alpa_py
+        # (its native libraries crash OR-Tools' HiGHS when loaded first);
+        # kept out of "test", where it would weigh on every install
+        "tf": ["tensorflow-cpu>=2.21,<3; sys_platform == 'linux'",
+               "tensorflow>=2.21,<3; sys_platform != 'linux'"],
         "gpu": ["cupy-cuda13x>=13,<15"],
         # benchmarks/newton.py: digits data and the jaxopt baseline
         "bench": ["scikit-learn>=1.4,<2", "jaxopt>=0.8,<0.9"],

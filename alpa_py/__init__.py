@@ -1,9 +1,19 @@
 """alpa_py: auto-parallelizing training compiler for JAX."""
 
+# OR-Tools' solver module is loaded first, before anything that might load
+# TensorFlow: when TensorFlow's native libraries are loaded before OR-Tools',
+# OR-Tools' HiGHS backend crashes the process (SIGSEGV inside ``Solve``, no
+# status to recover from); loaded in this order, both work. Where the user
+# imported tensorflow before alpa_py, ``compiler.ilp`` leaves HiGHS out and
+# warns.
+from ortools.linear_solver import pywraplp as _pywraplp  # noqa: F401
+
 from alpa_py.api import parallelize as parallelize
 from alpa_py.api import ParallelizedFunc as ParallelizedFunc
+from alpa_py.api import RecompileWarning as RecompileWarning
 from alpa_py.compiler.auto_sharding import InfeasiblePlanError as InfeasiblePlanError
 from alpa_py.compiler.collectives import PlanMismatchWarning as PlanMismatchWarning
+from alpa_py.compiler.ilp import SolverFallbackWarning as SolverFallbackWarning
 from alpa_py.compiler.layers import AutoLayerOption as AutoLayerOption
 from alpa_py.compiler.layers import ManualLayerOption as ManualLayerOption
 from alpa_py.compiler.markers import grad as grad

@@ -112,6 +112,16 @@ class ShardParallel:
       return InputLayout.DATA_PARALLEL
     return self.input_layout
 
+  @property
+  def splits_batch(self) -> bool:
+    """Whether the batch arguments change the compiled step: split into
+    micro-batches, or kept on the data axes (a data-parallel layout or
+    ``force_batch_dim_to_mesh_dim``). Otherwise they only guide the plan."""
+    return ((self.num_micro_batches or 1) > 1
+            or self.layout is not InputLayout.AUTO
+            or self.auto_sharding_option.force_batch_dim_to_mesh_dim
+            is not None)
+
   def mesh_shapes(self, num_devices: int) -> list[tuple[int, ...]]:
     """The logical mesh shapes to try on ``num_devices`` devices."""
     if self.mesh_shape is not None:
@@ -179,6 +189,9 @@ class PipeshardParallel:
                  | None) = None
   pipeline_schedule: Schedule | str = Schedule.ONE_F_ONE_B
   default_auto_sharding_option: AutoShardingOption | None = None
+
+  # micro-batches flow through the stages; stages may be data parallel
+  splits_batch = True
 
   def __post_init__(self):
     object.__setattr__(self, "devices", _freeze_devices(self.devices))

@@ -34,14 +34,6 @@ def test_unsupported_primitive_is_replicated_with_one_warning():
   np.testing.assert_allclose(out2, step(w, x), rtol=1e-4)
 
 
-def test_non_array_argument():
-  state, batch, step = mlp_setup()
-  bad = dict(batch, name="hello")
-  with pytest.raises(ValueError, match=r"argument 1 has a non-array value at "
-                     r"\['name'\].*static_argnums=\(1,\)"):
-    alpa_py.parallelize(step)(state, bad)
-
-
 def test_static_argnums_out_of_range():
   state, batch, step = mlp_setup()
   par = alpa_py.parallelize(step, static_argnums=(5,))

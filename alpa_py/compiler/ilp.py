@@ -6,6 +6,11 @@ through OR-Tools' ``pywraplp`` (an integral LP optimum is an ILP optimum), and
 only where the LP leaves a gap runs the MIP solver (HiGHS, else CBC) under the
 time limit. It reports status, objective, size and wall time.
 
+A backend that is missing from the OR-Tools build, raises, or returns an error
+status (ABNORMAL, MODEL_INVALID, NOT_SOLVED before its time limit) hands the
+problem to the next backend with a ``SolverFallbackWarning`` naming both; an
+infeasible problem is reported as such by the first backend.
+
 Model: a binary x[n, s] per node n and strategy s, one per node; per edge
 (u, v) a continuous e[a, b] over pairs of strategy *classes* (strategies that
 look alike to that edge), tied to x by marginals
@@ -24,6 +29,7 @@ import itertools
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 from ortools.linear_solver import pywraplp
@@ -34,13 +40,37 @@ from alpa_py.compiler.ilp_problem import (Edge, Infeasible, MemoryConstraint,
                                           Problem, Solution, min_memory_needed)
 
 __all__ = ["Edge", "Infeasible", "MemoryConstraint", "Problem", "Solution",
-           "min_memory_needed", "solve", "solve_brute_force"]
+           "SolverFallbackWarning", "min_memory_needed", "solve",
+           "solve_brute_force"]
+
+# OR-Tools backends, tried in order: HiGHS solves these LPs ~15x faster than
+# GLOP and the MIPs faster than CBC; each later one stands in for the one
+# before it where that one is missing from the build or fails.
+LP_BACKENDS = ("HIGHS_LP", "GLOP")
+MIP_BACKENDS = ("HIGHS", "CBC", "SCIP")
+# Backends that crash the process (SIGSEGV inside ``Solve``, so there is no
+# status to fall back on) when the named module's native libraries were
+# loaded before OR-Tools'. ``alpa_py/__init__`` loads OR-Tools first, which
+# avoids it unless the user imported the module before alpa_py.
+_CRASH_IF_LOADED_FIRST = {"HIGHS_LP": "tensorflow", "HIGHS": "tensorflow"}
+# A fallback backend needs at least this much of the time limit left.
+_MIN_FALLBACK_SECONDS = 1.0
+
+
+class SolverFallbackWarning(UserWarning):
+  """An OR-Tools backend could not solve the ILP and another one did."""
 
 
 def solve(problem: Problem) -> Solution | Infeasible:
-  """Solves the ILP: exact reduction (``ilp_reduce``), then CBC on the core.
+  """Solves the ILP: exact reduction (``ilp_reduce``), then OR-Tools on the
+  core (the LP relaxation with HiGHS, the MIP only where it leaves a gap).
 
   Deterministic for a given problem. The sizes reported are the core's.
+
+  Raises:
+    RuntimeError: no OR-Tools backend could solve it (each one's failure is
+      named); one that fails hands over to the next with a
+      ``SolverFallbackWarning``.
   """
   t0 = time.perf_counter()
   reduction = ilp_reduce.reduce_problem(problem)
@@ -69,7 +99,7 @@ def _solve_fixed(problem: Problem) -> Solution | Infeasible | None:
 
 
 def _solve_core(problem: Problem) -> Solution | Infeasible:
-  """LP relaxation first (GLOP); CBC only where the LP leaves a gap.
+  """LP relaxation first (HiGHS); the MIP only where the LP leaves a gap.
 
   These ILPs usually have an integral LP optimum, which is then an ILP
   optimum too (the LP bounds the ILP from below). Otherwise the rounded LP
@@ -96,16 +126,89 @@ def _solve_core(problem: Problem) -> Solution | Infeasible:
 
 
 def _solve_mip(problem: Problem, relax: bool) -> Solution | Infeasible:
-  """Builds and solves the model with CBC, or its LP relaxation with GLOP."""
+  """Solves the model with the first backend that works: a MIP backend, or
+  an LP backend on the relaxation.
 
+  Raises:
+    RuntimeError: every backend failed (each one's failure is named).
+  """
   t0 = time.perf_counter()
-  # HiGHS (shipped with OR-Tools) solves these LPs ~15x faster than GLOP
-  # and the MIPs faster than CBC; CBC is the fallback for builds without it.
-  solver = None
-  for name in (("HIGHS_LP", "GLOP") if relax else ("HIGHS", "CBC")):
-    solver = pywraplp.Solver.CreateSolver(name)
-    if solver is not None:
+  names = _usable_backends(LP_BACKENDS if relax else MIP_BACKENDS)
+  failures = []
+  for k, name in enumerate(names):
+    left = problem.time_limit_s - (time.perf_counter() - t0)
+    if failures and left < _MIN_FALLBACK_SECONDS:
+      failures.append((name, f"not tried: {left:.1f}s of the time limit left"))
       break
+    result = _solve_with(name, dataclasses.replace(
+        problem, time_limit_s=min(problem.time_limit_s, left)), relax)
+    if not isinstance(result, _Failure):
+      return dataclasses.replace(result,
+                                 solve_seconds=time.perf_counter() - t0)
+    failures.append((name, result.reason))
+    if k + 1 < len(names):
+      warnings.warn(f"OR-Tools backend {name} {result.reason}; solving the "
+                    f"sharding ILP with {names[k + 1]} instead",
+                    SolverFallbackWarning, stacklevel=2)
+  tried = "; ".join(f"{n} {why}" for n, why in failures)
+  raise RuntimeError(f"no OR-Tools backend solved the sharding ILP ({tried}); "
+                     "check the OR-Tools installation (pip install -U ortools)")
+
+
+def _usable_backends(names: tuple[str, ...]) -> list[str]:
+  """``names`` less the backends that would crash this process."""
+  usable = [n for n in names
+            if not _loaded_before_ortools(_CRASH_IF_LOADED_FIRST.get(n))]
+  for name in names:
+    if name in usable or not usable:
+      continue
+    module = _CRASH_IF_LOADED_FIRST[name]
+    # (Python's warning filter shows it once per process by default)
+    warnings.warn(f"{module} was imported before OR-Tools, and OR-Tools' "
+                  f"{name} backend crashes the process in that order; the "
+                  f"sharding ILP is solved with {usable[0]} instead (slower). "
+                  f"Import alpa_py before {module} to use {name}.",
+                  SolverFallbackWarning, stacklevel=3)
+  return usable or list(names)
+
+
+def _loaded_before_ortools(module: str | None) -> bool:
+  """Whether ``module`` was imported before OR-Tools' solver module
+  (``sys.modules`` keeps the order in which imports began)."""
+  if module is None or module not in sys.modules:
+    return False
+  order = {name: i for i, name in enumerate(sys.modules)}
+  return order[module] < order.get(pywraplp.__name__, len(order))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+  """A backend that did not solve the problem (not a property of it)."""
+
+  reason: str
+
+
+# Statuses that say the backend failed, not that the problem has no solution
+_ERROR_STATUSES = {pywraplp.Solver.ABNORMAL: "ABNORMAL",
+                   pywraplp.Solver.MODEL_INVALID: "MODEL_INVALID",
+                   pywraplp.Solver.NOT_SOLVED: "NOT_SOLVED"}
+
+
+def _create_solver(name: str):
+  """``pywraplp.Solver.CreateSolver`` (None where the build lacks ``name``)."""
+  return pywraplp.Solver.CreateSolver(name)
+
+
+def _solve_with(name: str, problem: Problem,
+                relax: bool) -> Solution | Infeasible | _Failure:
+  """Builds the model for backend ``name`` and solves it."""
+  t0 = time.perf_counter()
+  try:
+    solver = _create_solver(name)
+  except Exception as e:  # noqa: BLE001 - the backend's own error: try the next
+    return _Failure(f"could not be created ({type(e).__name__}: {e})")
+  if solver is None:
+    return _Failure("is not available in this OR-Tools build")
   solver.SuppressOutput()
   solver.SetTimeLimit(int(problem.time_limit_s * 1000))
   infinity = solver.infinity()
@@ -170,15 +273,22 @@ def _solve_mip(problem: Problem, relax: bool) -> Solution | Infeasible:
   objective.SetOffset(objective.offset() + constant)
   objective.SetMinimization()
   num_vars, num_cons = solver.NumVariables(), solver.NumConstraints()
-  with _quiet_stdout():
-    status = solver.Solve()
+  try:
+    with _quiet_stdout():
+      status = solver.Solve()
+  except Exception as e:  # noqa: BLE001 - the backend's own error: try the next
+    return _Failure(f"raised {type(e).__name__}: {e}")
   elapsed = time.perf_counter() - t0
+  timed_out = elapsed >= 0.95 * problem.time_limit_s
+  if status in _ERROR_STATUSES and not (
+      status == pywraplp.Solver.NOT_SOLVED and timed_out):
+    return _Failure(f"returned {_ERROR_STATUSES[status]} after "
+                    f"{elapsed:.2f}s")
   if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
     need, label = min_memory_needed(problem)
     names = {pywraplp.Solver.INFEASIBLE: "INFEASIBLE",
              pywraplp.Solver.NOT_SOLVED: "NOT_SOLVED (time limit)",
-             pywraplp.Solver.UNBOUNDED: "UNBOUNDED",
-             pywraplp.Solver.ABNORMAL: "ABNORMAL"}
+             pywraplp.Solver.UNBOUNDED: "UNBOUNDED"}
     return Infeasible(names.get(status, str(status)), need,
                       problem.memory_budget, label, num_vars, num_cons, elapsed)
   choice = []

@@ -19,9 +19,11 @@ from alpa_py.compiler.graph import OpGraph
 from alpa_py.compiler.options import AutoShardingOption
 from alpa_py.compiler.strategies.registry import is_heavy
 from alpa_py.compiler.strategies.spec import FORBIDDEN_PENALTY, Spec
+from alpa_py.driver.batch_args import NoBatch, infer_batch_argnums
 from alpa_py.driver.config import ShardConfig
 from alpa_py.driver.shard_parallel import plan_step
-from alpa_py.driver.signature import Signature, make_signature
+from alpa_py.driver.signature import (Signature, make_signature,
+                                      normalize_argnums, resolve_argnums)
 from alpa_py.driver.tracing import TracedStep, trace_step
 from alpa_py.methods import ShardParallel
 
@@ -32,7 +34,8 @@ class StepAnalysis:
   Args:
     fun: the step.
     args: its positional arguments (arrays or ``jax.ShapeDtypeStruct``s).
-    batch_argnums: positions of the batch arguments.
+    batch_argnums: positions of the batch arguments; default: inferred as
+      ``parallelize`` infers them (``driver.batch_args``).
     num_devices: devices plans are made for (no device is touched).
 
   Attributes:
@@ -41,11 +44,20 @@ class StepAnalysis:
   """
 
   def __init__(self, fun: Callable, args: Sequence[Any], *,
-               batch_argnums: tuple[int, ...] = (1,), num_devices: int = 1):
-    batch = tuple(n for n in batch_argnums if n < len(args))
+               batch_argnums: tuple[int, ...] | None = None,
+               num_devices: int = 1):
+    batch = () if batch_argnums is None else resolve_argnums(
+        normalize_argnums("batch_argnums", batch_argnums), len(args),
+        "batch_argnums")
     self.sig: Signature
     self.sig, _ = make_signature(args, static=(), donate=(), batch=batch,
                                  devices=tuple(range(num_devices)))
+    if batch_argnums is None:
+      inferred = infer_batch_argnums(fun, self.sig,
+                                     getattr(fun, "__name__", "the step"))
+      if isinstance(inferred, NoBatch):
+        raise inferred.error("StepAnalysis")
+      self.sig = dataclasses.replace(self.sig, batch=inferred)
     self.traced: TracedStep = trace_step(fun, self.sig)
     self.num_devices = num_devices
 

@@ -5,6 +5,13 @@
 of each argument and the devices) is the executable cache key and the only
 record of the call that the compile passes read. The flat leaves are returned
 beside it, never stored in it.
+
+A non-array leaf of an array argument (a function, a string, an Equinox
+module's activation, a Python bool flag) is static, as under
+``equinox.filter_jit``: a ``StaticLeaf`` in the argument's tree structure, so
+that a whole Equinox module can be passed. Python ints and floats stay
+arrays (as under ``jax.jit``), so that a changing learning rate does not
+recompile.
 """
 
 from __future__ import annotations
@@ -35,6 +42,58 @@ class Aval:
                                 sharding=sharding)
 
 
+class StaticLeaf:
+  """A non-array leaf held static: compared by value where it is hashable,
+  else by identity (``equinox.filter_jit``'s rule).
+
+  It is a pytree node without children whose unflattening gives back the
+  value: a tree whose non-array leaves are wrapped (``hide_static``)
+  flattens to its arrays alone, carries the static values in its tree
+  structure, and unflattens to the original tree.
+  """
+
+  __slots__ = ("value", "_by_value")
+
+  def __init__(self, value: Any):
+    self.value = value
+    try:
+      hash(value)
+      self._by_value = True
+    except TypeError:
+      self._by_value = False
+
+  def __hash__(self) -> int:
+    if self._by_value:
+      return hash((type(self.value), self.value))
+    return id(self.value)
+
+  def __eq__(self, other) -> bool:
+    if not isinstance(other, StaticLeaf):
+      return NotImplemented
+    if self.value is other.value:
+      return True
+    if not (self._by_value and other._by_value) or \
+        type(self.value) is not type(other.value):
+      return False
+    try:
+      return bool(self.value == other.value)
+    except Exception:  # noqa: BLE001 - an __eq__ that cannot answer: unequal
+      return False
+
+  def __repr__(self) -> str:
+    return f"StaticLeaf({self.value!r:.80})"
+
+
+jax.tree_util.register_pytree_node(StaticLeaf, lambda s: ((), s),
+                                   lambda s, _: s.value)
+
+
+def hide_static(tree: Any) -> Any:
+  """``tree`` with each non-array leaf wrapped in a ``StaticLeaf``."""
+  return jax.tree_util.tree_map(
+      lambda x: x if is_array_leaf(x) else StaticLeaf(x), tree)
+
+
 @dataclasses.dataclass(frozen=True)
 class Signature:
   """One call's structure; hashable, part of the executable cache key.
@@ -42,11 +101,14 @@ class Signature:
   Attributes:
     nargs: positional argument count.
     dyn_argnums: positions of the array arguments.
-    treedefs: tree structure of each array argument.
+    treedefs: tree structure of each array argument (its non-array leaves
+      in it as ``StaticLeaf`` nodes).
     avals: per flat input, its ``Aval``.
     owners: per flat input, the argument position it comes from.
     paths: per flat input, a readable name (``arg0['params']['w']``).
     static: (position, value) of the static arguments.
+    static_leaves: (path, ``StaticLeaf``) of each non-array leaf of the array
+      arguments (also held by ``treedefs``; named here for messages).
     donate: donated argument positions.
     batch: batch argument positions.
     devices: the devices the step runs on.
@@ -59,6 +121,7 @@ class Signature:
   owners: tuple[int, ...]
   paths: tuple[str, ...]
   static: tuple[tuple[int, Any], ...]
+  static_leaves: tuple[tuple[str, StaticLeaf], ...]
   donate: tuple[int, ...]
   batch: tuple[int, ...]
   devices: tuple[Any, ...]
@@ -96,11 +159,13 @@ def weak_type(x) -> bool:
 
 
 def is_array_leaf(x) -> bool:
-  """Arrays, scalars, remote arrays, and abstract values (which can be
-  planned and compiled, not run)."""
+  """Arrays, numeric scalars, remote arrays, and abstract values (which can
+  be planned and compiled, not run). A Python ``bool`` is a flag (Equinox's
+  ``Dropout.inference``, a ``train`` switch), held static as
+  ``equinox.filter_jit`` holds it, so that the step can branch on it."""
   return isinstance(x, (jax.Array, np.ndarray, np.generic, numbers.Number,
                         DistributedArray, jax.ShapeDtypeStruct)
-                    ) and not isinstance(x, str)
+                    ) and not isinstance(x, (str, bool))
 
 
 def normalize_argnums(name: str, value) -> tuple[int, ...]:
@@ -144,8 +209,8 @@ def make_signature(args: Sequence[Any], *, static: tuple[int, ...],
     devices: the devices the step will run on.
 
   Raises:
-    ValueError: an argument both static and donated/batch, an unhashable
-      static argument, or a non-array leaf in an array argument.
+    ValueError: an argument both static and donated/batch, or an unhashable
+      static argument.
   """
   nargs = len(args)
   for n in donate + batch:
@@ -162,16 +227,19 @@ def make_signature(args: Sequence[Any], *, static: tuple[int, ...],
                        " must be hashable; pass arrays as ordinary arguments")
     static_vals.append((n, args[n]))
   dyn = [n for n in range(nargs) if n not in static]
-  leaves, treedefs, owners, paths = [], [], [], []
+  leaves, treedefs, owners, paths, static_leaves = [], [], [], [], []
   for n in dyn:
     flat, treedef = jax.tree_util.tree_flatten_with_path(args[n])
-    for path, leaf in flat:
-      if not is_array_leaf(leaf):
-        raise ValueError(
-            f"argument {n} has a non-array value at "
-            f"{jax.tree_util.keystr(path) or '(top level)'}: "
-            f"{type(leaf).__name__} {leaf!r:.60}. Pass it in static_argnums="
-            f"({n},) or convert it to an array.")
+    held = {k: StaticLeaf(leaf) for k, (_, leaf) in enumerate(flat)
+            if not is_array_leaf(leaf)}
+    if held:  # the static values go into the tree structure
+      treedef = jax.tree_util.tree_structure(jax.tree_util.tree_unflatten(
+          treedef, [held.get(k, leaf) for k, (_, leaf) in enumerate(flat)]))
+    for k, (path, leaf) in enumerate(flat):
+      name = f"arg{n}{jax.tree_util.keystr(path)}"
+      if k in held:
+        static_leaves.append((name, held[k]))
+        continue
       if not isinstance(leaf, (jax.Array, DistributedArray,
                                jax.ShapeDtypeStruct)):
         # Python scalars become strongly typed arrays of their default
@@ -181,12 +249,13 @@ def make_signature(args: Sequence[Any], *, static: tuple[int, ...],
             leaf, dtype=jax.dtypes.canonicalize_dtype(np.result_type(leaf)))
       leaves.append(leaf)
       owners.append(n)
-      paths.append(f"arg{n}{jax.tree_util.keystr(path)}")
+      paths.append(name)
     treedefs.append(treedef)
   avals = tuple(Aval(tuple(x.shape), np.dtype(x.dtype), weak_type(x))
                 for x in leaves)
   sig = Signature(nargs=nargs, dyn_argnums=tuple(dyn), treedefs=tuple(treedefs),
                   avals=avals, owners=tuple(owners), paths=tuple(paths),
-                  static=tuple(static_vals), donate=donate, batch=batch,
-                  devices=tuple(devices))
+                  static=tuple(static_vals),
+                  static_leaves=tuple(static_leaves), donate=donate,
+                  batch=batch, devices=tuple(devices))
   return sig, leaves

@@ -18,7 +18,7 @@ from alpa_py import _progress
 from alpa_py.compiler import accumulation
 from alpa_py.compiler.batch_dims import batch_seeds, infer_batch_dims
 from alpa_py.compiler.graph import OpGraph, build_graph
-from alpa_py.driver.signature import Signature
+from alpa_py.driver.signature import Signature, hide_static
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +27,8 @@ class TracedStep:
 
   Attributes:
     graph: the step's ``OpGraph``.
-    out_tree: the output pytree structure.
+    out_tree: the output pytree structure (non-array outputs held in it
+      as ``StaticLeaf`` nodes).
     alias_pairs: (flat output, flat input) pairs of state fed back.
     input_shapes: the traced shape of each flat input.
     out_names: readable name of each flat output.
@@ -95,7 +96,7 @@ def find_aliases(out, sig: Signature, leaves) -> list[tuple[int, int]]:
 def out_names_of(out_tree) -> tuple[str, ...]:
   """``out[...]`` path names of a pytree's flat leaves."""
   dummy = jax.tree_util.tree_unflatten(out_tree, list(range(out_tree.num_leaves)))
-  flat, _ = jax.tree_util.tree_flatten_with_path(dummy)
+  flat, _ = jax.tree_util.tree_flatten_with_path(hide_static(dummy))
   return tuple(f"out{jax.tree_util.keystr(p)}" for p, _ in flat)
 
 
@@ -104,7 +105,9 @@ def trace_jaxpr(fun: Callable, sig: Signature, leaves_sds):
   info = {}
 
   def flat_fun(*leaves):
-    out = fun(*sig.rebuild_args(leaves))
+    # non-array outputs (an Equinox module's functions) are returned as they
+    # are, from the tree structure, as ``equinox.filter_jit`` returns them
+    out = hide_static(fun(*sig.rebuild_args(leaves)))
     out_leaves, out_tree = jax.tree_util.tree_flatten(out)
     info["tree"] = out_tree
     info["aliases"] = find_aliases(out, sig, leaves)
