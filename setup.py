@@ -24,9 +24,11 @@ setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
-        # equinox: tests/test_signatures.py passes an Equinox module whole
+        # equinox: tests/test_signatures.py passes an Equinox module whole;
+        # equinox and dm-haiku: tests/test_model_zoo.py writes steps the way
+        # each library's docs do
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7",
-                 "equinox>=0.13.8,<0.14"],
+                 "equinox>=0.13.8,<0.14", "dm-haiku>=0.0.17,<0.1"],
         # tests/test_solver_backends.py: TensorFlow imported before alpa_py
         # (its native libraries crash OR-Tools' HiGHS when loaded first);
         # kept out of "test", where it would weigh on every install

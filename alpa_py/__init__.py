@@ -12,7 +12,11 @@ from alpa_py.api import parallelize as parallelize
 from alpa_py.api import ParallelizedFunc as ParallelizedFunc
 from alpa_py.api import RecompileWarning as RecompileWarning
 from alpa_py.compiler.auto_sharding import InfeasiblePlanError as InfeasiblePlanError
+from alpa_py.compiler.calibration import CalibrationCacheWarning as CalibrationCacheWarning
+from alpa_py.compiler.cluster_env import calibrate as calibrate
+from alpa_py.compiler.cluster_env import CostProfile as CostProfile
 from alpa_py.compiler.collectives import PlanMismatchWarning as PlanMismatchWarning
+from alpa_py.compiler.control_flow import ReplicatedControlFlowWarning as ReplicatedControlFlowWarning
 from alpa_py.compiler.ilp import SolverFallbackWarning as SolverFallbackWarning
 from alpa_py.compiler.layers import AutoLayerOption as AutoLayerOption
 from alpa_py.compiler.layers import ManualLayerOption as ManualLayerOption

@@ -236,8 +236,8 @@ def main(argv=None) -> int:
     p.add_argument("--memory-budget", type=float, default=None,
                    help="bytes per device")
     p.add_argument("--profile", default="cpu",
-                   help="cpu, v100_8x_nvlink_25gbps, a100_8x_nvlink_100gbps, "
-                   "h100_8x_nvlink_400gbps")
+                   help="cpu, cpu:calibrated, v100_8x_nvlink_25gbps, "
+                   "a100_8x_nvlink_100gbps, h100_8x_nvlink_400gbps")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=5)

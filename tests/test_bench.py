@@ -10,6 +10,7 @@ from alpa_py.bench import configs, simulate
 from alpa_py.compiler import hlo_stats
 
 
+@pytest.mark.slow  # `alpa-py bench --suite gpt --config tiny --quick` by hand
 def test_quick_bench_writes_every_figure(tmp_path, capsys):
   assert cli.main(["bench", "--quick", "--suite", "gpt", "--config", "tiny",
                    "--profiles", "cpu,a100_8x_nvlink_100gbps",

@@ -72,3 +72,32 @@ def test_gather_scatter_and_cumsum_run_sharded():
                               batch_argnums=(1, 2))
     np.testing.assert_allclose(par(table, idx, x), g(table, idx, x),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_checkpointed_recompute_keeps_its_barriers():
+  """``jax.checkpoint``'s recomputation reads its inputs through
+  optimization barriers (JAX's lowering adds them so that XLA cannot merge
+  the recomputation into the forward pass); inlined into the graph, the
+  region keeps them, and the compiled step still equals jax.jit's."""
+  import alpa_py
+  from alpa_py.compiler.graph import build_graph
+
+  def block(w, h):
+    return jnp.tanh(jnp.tanh(h @ w) @ w)
+
+  def step(w, x):
+    loss = lambda w: jnp.mean(jax.checkpoint(block)(w, x) ** 2)
+    l, g = jax.value_and_grad(loss)(w)
+    return w - 0.1 * g, l
+
+  w = jax.random.normal(jax.random.PRNGKey(0), (32, 32)) * 0.1
+  x = jax.random.normal(jax.random.PRNGKey(1), (64, 32))
+  graph = build_graph(jax.make_jaxpr(step)(w, x))
+  assert any(op.name == "optimization_barrier" for op in graph.ops)
+  par = alpa_py.parallelize(step, method=alpa_py.DataParallel(
+      devices=jax.devices()[:4]), batch_argnums=(1,))
+  ex = par.get_executable(w, x)
+  lowered = ex.task.jitted.lower(*ex.task.arg_specs).as_text()
+  assert "optimization_barrier" in lowered
+  out, ref = par(w, x), jax.jit(step)(w, x)
+  np.testing.assert_allclose(out[0], ref[0], rtol=1e-5, atol=1e-6)

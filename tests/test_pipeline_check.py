@@ -144,9 +144,10 @@ def test_backward_dependencies_point_to_earlier_layers(scan):
 
 # -- the recurrent model end to end --------------------------------------------
 
-@pytest.mark.parametrize("scan,remat", [("associative", True),
-                                        ("loop", True),
-                                        ("lax", False)])
+@pytest.mark.parametrize("scan,remat", [
+    ("associative", True),
+    pytest.param("loop", True, marks=pytest.mark.slow),
+    pytest.param("lax", False, marks=pytest.mark.slow)])
 def test_recurrent_model_pipeline_matches_single_device(scan, remat):
   state, batch, step = recurrent_pipeline(scan, remat=remat)
   ref_state, ref_loss = jax.jit(step)(state, batch)

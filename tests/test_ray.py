@@ -60,6 +60,7 @@ def _marked_step(state, batch):
   return state.apply_gradients(grads=grads), loss
 
 
+@pytest.mark.slow  # test_two_stage_pipeline_across_two_hosts counts calls too
 def test_driver_calls_do_not_grow_with_micro_batches(two_hosts):
   state, batch, _ = gpt_setup(batch=16)
   per_step = {}

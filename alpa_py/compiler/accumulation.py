@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from alpa_py.compiler.auto_sharding import ShardingSolution
-from alpa_py.compiler.graph import Literal, OpGraph, evaluate
+from alpa_py.compiler.graph import Literal, OpGraph
+from alpa_py.compiler.graph_eval import evaluate
 from alpa_py.compiler.lowering import (constraint_hooks, named_sharding,
                                        tensor_spec)
 

@@ -10,6 +10,10 @@
    consumer's required spec; outputs that become next step's inputs (the new
    train state) get an edge back to that input.
 4. The ILP (``ilp``) picks one strategy per node, under the memory budget.
+
+A scan with a body (``graph.Region``) is planned through it: one strategy
+per body op shared by all iterations, costs times the trip count, the carry's
+layout tied, stacked dims whole (``ilp_nodes`` says how).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from alpa_py import _progress
 from alpa_py.compiler import ilp
 from alpa_py.compiler.cluster_env import LogicalMesh
 from alpa_py.compiler.graph import Literal, OpGraph
+from alpa_py.compiler.ilp_nodes import Node as _Node
+from alpa_py.compiler.ilp_nodes import (add_region_inputs, add_region_results,
+                                       timeline)
 from alpa_py.compiler.errors import InfeasiblePlanError as InfeasiblePlanError
 from alpa_py.compiler.options import AutoShardingOption
 from alpa_py.compiler.strategy_constraints import StrategyConstraints
@@ -84,19 +91,6 @@ class ShardingSolution:
     return dict(self.op_strategies)
 
 
-@dataclasses.dataclass
-class _Node:
-  cost: list[float]
-  specs: dict[int, list]  # tensor -> spec per strategy
-  reqs: list  # (tensor, op index, pos, spec per strategy, count_if_same_node)
-  names: list[str]
-  root_op: int | None = None
-  root_outputs: tuple[int, ...] = ()
-  # (op index, its strategy name per strategy of the node) of the ops that
-  # follow this node
-  followers: list = dataclasses.field(default_factory=list)
-
-
 def _make_rc(mesh: LogicalMesh, option: AutoShardingOption):
 
   @functools.lru_cache(maxsize=None)
@@ -147,8 +141,19 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
     nodes.append(_Node([0.0], {t: [replicated(len(info.shape))]}, [],
                        ["constant"]))
     node_of[t] = len(nodes) - 1
+  ties: list = []
 
-  for op in graph.ops:
+  def add_ops(ops):
+    for op in ops:
+      region = graph.regions.get(op.index)
+      if region is None:
+        add_op(op)
+      else:
+        add_region_inputs(graph, op, region, mesh, nodes, node_of, ties)
+        add_ops(region.ops)
+        add_region_results(graph, op, region, nodes, node_of)
+
+  def add_op(op):
     strats = constrain(op, strategies_for(
         op, graph, mesh, prefer_reduce_scatter=option.prefer_reduce_scatter,
         allow_mixed_mesh_shape=option.allow_mixed_mesh_shape))
@@ -176,7 +181,7 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
             best_k, best_key, best_c = k, key, c
         picks.append(best_k)
         extra = surcharges.get((op.index, strats[best_k].name))
-        node.cost[s] += best_c + (extra.seconds if extra else 0.0)
+        node.cost[s] += (best_c + (extra.seconds if extra else 0.0)) * op.trips
       node.followers.append((op.index, [strats[k].name for k in picks]))
       for j, out in enumerate(op.outputs):
         node.specs[out] = [strats[k].out_specs[j] for k in picks]
@@ -185,11 +190,11 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
         if isinstance(ref, int):
           node.reqs.append((ref, op.index, p,
                             [strats[k].in_specs[p] for k in picks], p != pos))
-      continue
+      return
     costs = []
     for s in strats:
       extra = surcharges.get((op.index, s.name))
-      costs.append(s.cost + (extra.seconds if extra else 0.0))
+      costs.append((s.cost + (extra.seconds if extra else 0.0)) * op.trips)
     node = _Node(costs, {}, [], [s.name for s in strats],
                  root_op=op.index, root_outputs=tuple(op.outputs))
     for j, out in enumerate(op.outputs):
@@ -201,34 +206,51 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
     nodes.append(node)
     for out in op.outputs:
       node_of[out] = len(nodes) - 1
-  return nodes, node_of
+
+  add_ops(graph.ops)
+  return nodes, node_of, ties
 
 
-def _build_edges(graph, nodes, node_of, rc, aliases, alias_penalty):
+def _build_edges(graph, nodes, node_of, rc, aliases, alias_penalty, ties=()):
+  """Resharding edges. ``ties``: (body carry out, body carry in, penalty,
+  iterations) of the scans' carries (see ``_add_region``)."""
+  trips = {op.index: op.trips for op in graph.all_ops()}
   groups: dict[tuple[int, int], list] = {}
   for v, node in enumerate(nodes):
-    for t, _, _, req, count_same in node.reqs:
+    for t, op_idx, _, req, count_same in node.reqs:
       u = node_of[t]
       nbytes = graph.tensor(t).nbytes
+      mult = trips.get(op_idx, 1)
       if u == v:
         if count_same:
           for s in range(len(node.cost)):
-            node.cost[s] += rc(node.specs[t][s], req[s], nbytes)
+            node.cost[s] += rc(node.specs[t][s], req[s], nbytes) * mult
         continue
-      groups.setdefault((u, v), []).append((t, req, nbytes, 0.0))
-  for out_t, in_t in aliases:
+      groups.setdefault((u, v), []).append((t, req, nbytes, 0.0, mult))
+  links = [(o, i, alias_penalty, 1) for o, i in aliases] + list(ties)
+  for out_t, in_t, penalty, mult in links:
     u, v = node_of.get(out_t), node_of.get(in_t)
-    if u is None or v is None or u == v:
+    if u is None or v is None:
+      continue
+    nbytes = graph.tensor(out_t).nbytes
+    if u == v:
+      if mult == 1:
+        continue  # (a step output that is its own input: nothing to tie)
+      node = nodes[u]
+      for s in range(len(node.cost)):
+        a, b = node.specs[out_t][s], node.specs[in_t][s]
+        if a != b:
+          node.cost[s] += rc(a, b, nbytes) * mult + penalty
       continue
     groups.setdefault((u, v), []).append(
-        (out_t, nodes[v].specs[in_t], graph.tensor(out_t).nbytes,
-         alias_penalty))
+        (out_t, nodes[v].specs[in_t], nbytes, penalty, mult))
   edges = []
   for (u, v), items in groups.items():
     U, V = nodes[u], nodes[v]
-    u_keys = [tuple(U.specs[t][s] for t, _, _, _ in items)
+    u_keys = [tuple(U.specs[t][s] for t, _, _, _, _ in items)
               for s in range(len(U.cost))]
-    v_keys = [tuple(req[s] for _, req, _, _ in items) for s in range(len(V.cost))]
+    v_keys = [tuple(req[s] for _, req, _, _, _ in items)
+              for s in range(len(V.cost))]
     u_uniq = list(dict.fromkeys(u_keys))
     v_uniq = list(dict.fromkeys(v_keys))
     u_index = {k: i for i, k in enumerate(u_uniq)}
@@ -239,9 +261,9 @@ def _build_edges(graph, nodes, node_of, rc, aliases, alias_penalty):
       row = []
       for vk in v_uniq:
         c = 0.0
-        for (_, _, nbytes, penalty), a, b in zip(items, uk, vk):
+        for (_, _, nbytes, penalty, mult), a, b in zip(items, uk, vk):
           if a != b and b is not None:
-            c += rc(a, b, nbytes) + penalty
+            c += rc(a, b, nbytes) * mult + penalty
         nonzero |= c > 0
         row.append(c)
       cost.append(tuple(row))
@@ -253,16 +275,9 @@ def _build_edges(graph, nodes, node_of, rc, aliases, alias_penalty):
 
 
 def _memory_constraints(graph: OpGraph, nodes, node_of, mesh_shape):
-  n_ops = len(graph.ops)
-  pos_of = {op.index: i for i, op in enumerate(graph.ops)}
-  define = {t: -1 for t in graph.invars}
-  define.update({t: -1 for t in graph.consts})
-  for i, op in enumerate(graph.ops):
-    for t in op.outputs:
-      define[t] = i
-  last = {t: graph.last_use.get(t, define[t]) for t in define}
-  for t in graph.invars:
-    last[t] = n_ops  # arguments stay allocated for the whole step
+  run_order, define, last = timeline(graph)
+  n_ops = len(run_order)
+  pos_of = {op.index: i for i, op in enumerate(run_order)}
   # replicated live bytes at each point, by a sweep
   delta = [0.0] * (n_ops + 2)
   for t, d in define.items():
@@ -306,7 +321,7 @@ def _memory_constraints(graph: OpGraph, nodes, node_of, mesh_shape):
         for s, spec in enumerate(req):
           if spec is not None:
             row[s] += nbytes / num_shards(spec, mesh_shape)
-    label = (f"after op {point} ({graph.ops[point].name})" if point >= 0
+    label = (f"after op {point} ({run_order[point].name})" if point >= 0
              else "at step start")
     constraints.append(ilp.MemoryConstraint(
         tuple((n, tuple(b)) for n, b in per_node.items()), label))
@@ -356,9 +371,9 @@ def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh,
   """
   rc = _make_rc(mesh, option)
   constrain = StrategyConstraints(graph, mesh, option, batch_dims or {})
-  nodes, node_of = _build_nodes(graph, mesh, option, input_specs or {}, rc,
-                                constrain, surcharges or {})
-  edges = _build_edges(graph, nodes, node_of, rc, aliases, alias_penalty)
+  nodes, node_of, ties = _build_nodes(graph, mesh, option, input_specs or {},
+                                      rc, constrain, surcharges or {})
+  edges = _build_edges(graph, nodes, node_of, rc, aliases, alias_penalty, ties)
   budget = option.memory_budget_per_device
   memory = ()
   if budget is not None:
@@ -403,6 +418,8 @@ def _solution(graph, nodes, node_of, result, mesh, edges, memory):
       op_strategies.append((node.root_op, node.names[choice[n]]))
       if len(node.cost) > 1:
         constrained.extend(node.root_outputs)
+    if len(node.cost) > 1:
+      constrained.extend(node.pinned)
     op_strategies.extend((i, names[choice[n]]) for i, names in node.followers)
   peak = _peak_bytes(graph, nodes, node_of, choice, mesh.shape, list(memory))
   return ShardingSolution(

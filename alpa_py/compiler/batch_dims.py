@@ -24,12 +24,24 @@ from alpa_py.compiler.strategies.registry import loop_nest_for
 def infer_batch_dims(graph: OpGraph, seeds: Mapping[int, int]) -> dict[int, int]:
   """Tensor id -> its batch dim, for every tensor that has one.
 
+  The batch dim flows into a scan's body (a stacked operand's slice loses
+  the stacked dim) and back out of it (a stacked result gains it).
+
   Args:
     graph: the step's graph.
     seeds: tensor id -> batch dim of the batch inputs (usually dim 0).
   """
   dims = {t: d for t, d in seeds.items() if graph.tensor(t).shape}
-  for op in graph.ops:
+  _flow(graph, graph.ops, dims)
+  return dims
+
+
+def _flow(graph: OpGraph, ops, dims: dict[int, int]) -> None:
+  for op in ops:
+    region = graph.regions.get(op.index)
+    if region is not None:
+      _flow_region(graph, op, region, dims)
+      continue
     carried = [(pos, t) for pos, t in enumerate(op.inputs)
                if not isinstance(t, Literal) and t in dims]
     if not carried:
@@ -51,7 +63,21 @@ def infer_batch_dims(graph: OpGraph, seeds: Mapping[int, int]) -> dict[int, int]
         if l == loop:
           dims[out] = d
           break
-  return dims
+
+
+def _flow_region(graph: OpGraph, op, region, dims: dict[int, int]) -> None:
+  stacked_from = len(region.consts_in) + len(region.carry_in)
+  for pos, (ref, t) in enumerate(zip(op.inputs, region.invars)):
+    if isinstance(ref, Literal) or ref not in dims:
+      continue
+    d = dims[ref] - (pos >= stacked_from)
+    if d >= 0:
+      dims[t] = d
+  _flow(graph, region.ops, dims)
+  nk = len(region.carry_in)
+  for j, (out, ref) in enumerate(zip(op.outputs, region.outvars)):
+    if isinstance(ref, int) and ref in dims:
+      dims[out] = dims[ref] + (j >= nk)
 
 
 def batch_seeds(graph: OpGraph, batch_inputs) -> dict[int, int]:

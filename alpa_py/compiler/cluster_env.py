@@ -13,6 +13,11 @@ Profiles:
     ``h100_8x_nvlink_400gbps``: GPU-cluster presets (vendor figures, derated to
     what dense kernels and ring collectives reach in practice), so that plans
     for such clusters can be made and inspected without one.
+  * ``cpu:calibrated`` (``gpu:``, ``tpu:``): a cost model fitted to profiles
+    of actively chosen programs on these devices (``compiler/calibration``),
+    calibrated on first use and cached; ``calibrate()`` makes one on request.
+    Such a profile carries its ``LinearCostModel``, and ``LogicalMesh``
+    prices compute and every collective (per kind and link) from it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from alpa_py import _progress
+from alpa_py.compiler import calibration
+from alpa_py.compiler.cost_model import LinearCostModel
 
 GiB = 1 << 30
 
@@ -54,6 +61,8 @@ class CostProfile:
     inter_beta: seconds per byte between nodes.
     devices_per_node: devices that share the fast links.
     memory_per_device: device memory in bytes (None: unknown).
+    model: a calibrated cost model; where set, ``LogicalMesh`` prices with
+      it (the rates above are read from it, for code that reads them).
   """
 
   name: str
@@ -65,12 +74,32 @@ class CostProfile:
   inter_beta: float
   devices_per_node: int
   memory_per_device: int | None = None
+  model: LinearCostModel | None = dataclasses.field(default=None, repr=False)
 
   def __post_init__(self):
     for field in ("flops_per_s", "mem_bytes_per_s", "intra_beta", "inter_beta"):
       if not getattr(self, field) > 0:
         raise ValueError(f"CostProfile.{field} (={getattr(self, field)}) "
                          "must be positive")
+
+  def __str__(self) -> str:
+    return self.name
+
+  @classmethod
+  def from_model(cls, model: LinearCostModel,
+                 name: str | None = None) -> "CostProfile":
+    """A profile that prices with a calibrated ``model``."""
+    def rate(feature):  # units per second; a zero coefficient: very fast
+      return 1.0 / max(model.coef(feature), 1e-30)
+
+    return cls(name or f"{model.key.platform}:calibrated",
+               flops_per_s=rate("matmul_flops"),
+               mem_bytes_per_s=rate("nonmatmul_bytes"),
+               intra_alpha=model.coef("all-reduce:inner:count"),
+               intra_beta=max(model.coef("all-reduce:inner:bytes"), 1e-30),
+               inter_alpha=model.coef("all-reduce:outer:count"),
+               inter_beta=max(model.coef("all-reduce:outer:bytes"), 1e-30),
+               devices_per_node=1 << 30, model=model)
 
 
 GPU_PRESETS = {
@@ -93,7 +122,8 @@ GPU_PRESETS = {
         intra_alpha=5e-6, intra_beta=1 / 370e9, inter_alpha=15e-6,
         inter_beta=1 / 46e9, devices_per_node=8, memory_per_device=80 * GiB),
 }
-PROFILE_NAMES = ("cpu",) + tuple(GPU_PRESETS)
+CALIBRATED_NAMES = ("cpu:calibrated", "gpu:calibrated", "tpu:calibrated")
+PROFILE_NAMES = ("cpu",) + tuple(GPU_PRESETS) + CALIBRATED_NAMES
 
 
 def _cache_dir() -> pathlib.Path:
@@ -159,13 +189,78 @@ def measure_cpu_profile(devices=None) -> CostProfile:
                      inter_beta=beta, devices_per_node=1 << 30)
 
 
-@functools.lru_cache(maxsize=None)
-def get_profile(name: str) -> CostProfile:
-  """Returns a named profile; ``cpu`` is measured once and cached on disk.
+def get_profile(name: "str | CostProfile") -> CostProfile:
+  """Returns a profile: a ``CostProfile`` as given; a named one (``cpu`` is
+  measured once and cached on disk; ``<platform>:calibrated`` is calibrated
+  once on this process's devices and cached on disk).
 
   Raises:
-    ValueError: for an unknown name.
+    ValueError: for an unknown name, or a calibrated one of another platform.
   """
+  if isinstance(name, CostProfile):
+    return name
+  if name in CALIBRATED_NAMES:
+    return _calibrated_profile(name, str(calibration.cache_dir()))
+  return _named_profile(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _calibrated_profile(name: str, cache_dir: str) -> CostProfile:
+  del cache_dir  # (part of the key: another cache dir is looked up again)
+  platform = name.split(":")[0]
+  devices = jax.devices()
+  if devices[0].platform != platform:
+    raise ValueError(f"cost_profile {name!r} calibrates the devices it runs "
+                     f"on, but JAX's devices are {devices[0].platform}; use "
+                     f"'{devices[0].platform}:calibrated'")
+  return CostProfile.from_model(calibration.load_or_calibrate(devices), name)
+
+
+def calibrate(devices=None, budget: int = calibration.DEFAULT_BUDGET, *,
+              pool_size: int = calibration.DEFAULT_POOL_SIZE,
+              selection: str = "leverage", loss: str = "l2", seed: int = 0,
+              cache: bool = True) -> CostProfile:
+  """Calibrates the cost model on ``devices`` by active regression.
+
+  Compiles ``pool_size`` candidate programs (single ops under their
+  strategies, collectives, layer steps under baseline plans), profiles the
+  ``budget`` of them that ``selection`` picks, and fits the model to them.
+
+  Args:
+    devices: the devices (None: all of ``jax.devices()``).
+    budget: programs to profile; at least one per coefficient
+      (``calibration.minimum_budget()``).
+    pool_size: candidate programs to choose from.
+    selection: ``leverage`` (leverage-score sampling), ``bss`` (randomised
+      BSS, linear in the coefficients), ``uniform`` or ``all``
+      (``benchmarks/calibration.py`` compares them).
+    loss: ``l2`` (weighted least squares) or ``l1`` (robust to outliers).
+    seed: the pool draw and the selection.
+    cache: also store it as ``<platform>:calibrated`` for these devices.
+
+  Returns:
+    A profile for ``AutoShardingOption(cost_profile=...)``.
+
+  Raises:
+    ValueError: a budget below the minimum (the message names it) or above
+      the pool.
+
+  Examples:
+    >>> profile = alpa_py.calibrate(budget=64)
+    >>> method = alpa_py.ShardParallel(auto_sharding_option=
+    ...     alpa_py.AutoShardingOption(cost_profile=profile))
+  """
+  model = calibration.calibrate_model(devices, budget, pool_size=pool_size,
+                                      selection=selection, loss=loss,
+                                      seed=seed)
+  if cache:
+    calibration.save(model)
+    _calibrated_profile.cache_clear()
+  return CostProfile.from_model(model)
+
+
+@functools.lru_cache(maxsize=None)
+def _named_profile(name: str) -> CostProfile:
   if name in GPU_PRESETS:
     return GPU_PRESETS[name]
   if name != "cpu":
@@ -203,6 +298,16 @@ class LogicalMesh:
   def num_devices(self) -> int:
     return int(math.prod(self.shape))
 
+  @property
+  def _model(self) -> LinearCostModel | None:
+    """The calibrated model, unless per-axis link costs override it."""
+    return self.profile.model if self.link_costs is None else None
+
+  def link(self, axis: int) -> str:
+    """``inner``: the axis spans consecutive devices (no later axis splits
+    them); ``outer``: strided ones (``cost_features``' two links)."""
+    return "inner" if math.prod(self.shape[axis + 1:]) == 1 else "outer"
+
   def _alpha_beta(self, axis: int) -> tuple[float, float]:
     if self.link_costs is not None:
       return self.link_costs[axis]
@@ -219,6 +324,9 @@ class LogicalMesh:
     n = self.shape[axis]
     if n == 1:
       return 0.0
+    if self._model is not None:
+      return self._model.collective_time("all-reduce", n, nbytes,
+                                         self.link(axis))
     a, b = self._alpha_beta(axis)
     return a * (2 * n - 1) + b * 2.0 * (n - 1) / n * nbytes
 
@@ -226,20 +334,31 @@ class LogicalMesh:
     n = self.shape[axis]
     if n == 1:
       return 0.0
+    if self._model is not None:
+      return self._model.collective_time("all-gather", n, out_bytes,
+                                         self.link(axis))
     a, b = self._alpha_beta(axis)
     return a * n + b * (n - 1) / n * out_bytes
 
   def reduce_scatter(self, in_bytes: float, axis: int) -> float:
+    if self._model is not None and self.shape[axis] > 1:
+      return self._model.collective_time("reduce-scatter", self.shape[axis],
+                                         in_bytes, self.link(axis))
     return self.all_gather(in_bytes, axis)
 
   def all_to_all(self, nbytes: float, axis: int) -> float:
     n = self.shape[axis]
     if n == 1:
       return 0.0
+    if self._model is not None:
+      return self._model.collective_time("all-to-all", n, nbytes,
+                                         self.link(axis))
     a, b = self._alpha_beta(axis)
     return a * n + b * (n - 1) / (n * n) * nbytes * n / 2
 
   def compute(self, flops: float, nbytes: float, is_matmul: bool) -> float:
+    if self.profile.model is not None:
+      return self.profile.model.compute_time(flops, nbytes, is_matmul)
     if is_matmul:
       return flops / self.profile.flops_per_s
     return nbytes / self.profile.mem_bytes_per_s

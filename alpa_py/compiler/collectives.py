@@ -17,12 +17,15 @@ from alpa_py.compiler.graph import Literal, OpGraph
 from alpa_py.compiler.hlo_stats import KINDS
 from alpa_py.compiler.strategies.spec import replicated, resharding_kinds
 
-# Kinds XLA's combiners merge, per platform (on CPU a reduce-scatter is an
-# all-reduce + dynamic-slice, and so merges with the all-reduces).
+# Kinds XLA's combiners merge, per platform: each family is one HLO op kind
+# whose independent instances merge (on CPU a reduce-scatter is an
+# all-reduce + dynamic-slice, so the two are one family there).
 COMBINED = {
-    "cpu": frozenset({"all-reduce", "reduce-scatter"}),
-    "gpu": frozenset({"all-reduce", "reduce-scatter", "all-gather"}),
-    "cuda": frozenset({"all-reduce", "reduce-scatter", "all-gather"}),
+    "cpu": (frozenset({"all-reduce", "reduce-scatter"}),),
+    "gpu": (frozenset({"all-reduce"}), frozenset({"reduce-scatter"}),
+            frozenset({"all-gather"})),
+    "cuda": (frozenset({"all-reduce"}), frozenset({"reduce-scatter"}),
+             frozenset({"all-gather"})),
 }
 
 
@@ -63,7 +66,7 @@ def plan_events(graph: OpGraph, solution,
       events.extend(CollectiveEvent(k, op_idx, None) for k in extra.kinds)
   spec_of = solution.spec_of
   mesh_shape = solution.mesh_shape
-  by_index = {op.index: op for op in graph.ops}
+  by_index = {op.index: op for op in graph.all_ops()}
   # Layouts of a tensor already made: XLA reuses a gathered copy (common
   # subexpressions), so a later consumer that can slice what exists costs
   # no collective.
@@ -86,23 +89,47 @@ def plan_events(graph: OpGraph, solution,
 
 
 def count_collectives(graph: OpGraph, events, platform: str) -> dict[str, int]:
-  """Per kind, how many collectives run once XLA has combined them."""
-  combined = COMBINED.get(platform, frozenset())
+  """Per kind, how many collectives run once XLA has combined them.
+
+  Within a combined family, the collectives that run are the levels of the
+  longest dependent chain of the family's events; each event joins the
+  latest level its consumers allow (XLA's combiner holds an independent
+  collective back to merge it with later ones: the loss's all-reduce joins
+  the gradients' reduction at the end of the step). A level counts once for
+  each kind among its events.
+  """
+  families = COMBINED.get(platform, ())
+  combined = frozenset().union(*families) if families else frozenset()
   counts = {k: 0 for k in KINDS}
   by_op: dict[int, list[CollectiveEvent]] = {}
   for e in events:
     by_op.setdefault(e.op, []).append(e)
     if e.kind not in combined:
       counts[e.kind] += 1
-  for kind in combined:
-    # longest dependent chain of this kind: a level per tensor
-    level: dict[int, int] = {}
-    for op in graph.ops:
-      mine = [e for e in by_op.get(op.index, ()) if e.kind == kind]
-      inputs = [level.get(t, 0) + any(e.operand == pos for e in mine)
-                for pos, t in enumerate(op.inputs) if not isinstance(t, Literal)]
-      out = max(inputs, default=0) + any(e.operand is None for e in mine)
-      for t in op.outputs:
-        level[t] = out
-    counts[kind] = max(level.values(), default=0)
+  # a scan body is a computation of its own: XLA combines within it
+  bodies = [graph.ops] + [r.ops for r in graph.regions.values()]
+  for family in families:
+    for ops in bodies:
+      for kind, n in _family_levels(ops, by_op, family).items():
+        counts[kind] += n
   return counts
+
+
+def _family_levels(ops, by_op, family) -> dict[str, int]:
+  """Per kind of ``family``, the levels of the family's longest chain in
+  ``ops`` that hold an event of that kind (see ``count_collectives``)."""
+  # after[t]: the longest chain of the family's events from reading t on
+  after: dict[int, int] = {}
+  rank: list[tuple[str, int]] = []  # (kind, chain length from the event)
+  for op in reversed(ops):
+    mine = [e for e in by_op.get(op.index, ()) if e.kind in family]
+    tail = max((after.get(t, 0) for t in op.outputs), default=0)
+    at_out = tail + any(e.operand is None for e in mine)
+    rank.extend((e.kind, at_out) for e in mine if e.operand is None)
+    for pos, t in enumerate(op.inputs):
+      if isinstance(t, Literal):
+        continue
+      here = at_out + any(e.operand == pos for e in mine)
+      rank.extend((e.kind, here) for e in mine if e.operand == pos)
+      after[t] = max(after.get(t, 0), here)
+  return {kind: len({r for k, r in rank if k == kind}) for kind in family}

@@ -21,9 +21,10 @@ keeps its per-micro-batch reduction and the plan says why. The conditions:
 the per-device trace has the same ops as the micro-batch trace with every
 batch dim ``D`` times smaller; every per-device value the backward computes
 is a slice of the micro-batch's (no batch statistic spread back over the
-batch); and a value reduced over the batch reaches the stage's outputs only
-through ops linear in it, into the accumulator or another deferred stage's
-backward.
+batch, no random bits of a batch-sized shape drawn again, as a recomputed
+dropout mask would be); and a value reduced over the batch reaches the
+stage's outputs only through ops linear in it, into the accumulator or
+another deferred stage's backward.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from alpa_py.compiler.graph import Literal, OpGraph, evaluate, subgraph
+from alpa_py.compiler.graph import Literal, OpGraph, subgraph
+from alpa_py.compiler.graph_eval import evaluate
 from alpa_py.compiler.program import Task
 
 # Ops linear in their operands: summing the partials commutes with them.
@@ -42,13 +44,18 @@ _LINEAR = frozenset({
     "add", "add_any", "sub", "neg", "convert_element_type", "transpose",
     "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "reduce_sum",
     "copy", "copy_p", "slice", "concatenate", "rev", "reduce_precision",
-    "cumsum"})
+    "cumsum", "optimization_barrier"})
 # Linear in one operand when the others are not partial sums.
 _LINEAR_IN_ONE = frozenset({"mul", "dot_general"})
 # Where a scalar constant differs between the two traces (a divisor that is
 # the batch size), the per-device ops take the micro-batch trace's constant;
 # only arithmetic may read one.
 _ARITHMETIC = frozenset({"mul", "div", "add", "sub", "max", "min"})
+# Random bits drawn at the per-device shape are not a slice of those drawn at
+# the micro-batch's: received from the forward they are, recomputed per
+# device (remat) they are not.
+_RANDOM = frozenset({"random_bits", "threefry2x32", "rng_bit_generator",
+                     "rng_uniform"})
 
 
 def batch_derived(graph: OpGraph, batch_ids) -> set[int]:
@@ -76,11 +83,15 @@ class SplitDims:
       per-device partials).
     literals: (op index, operand position) -> the micro-batch trace's
       constant, where the two traces' constants differ.
+    drawn: tensor id -> why computing it per device does not give its
+      slice, although receiving it does (random bits at a smaller shape):
+      a backward may read it, not compute it.
   """
 
   dims: dict
   bad: dict
   literals: dict
+  drawn: dict = dataclasses.field(default_factory=dict)
 
 
 def split_dims(full: OpGraph, local: OpGraph, batch_dims: dict, derived: set,
@@ -134,16 +145,26 @@ def split_dims(full: OpGraph, local: OpGraph, batch_dims: dict, derived: set,
                   f"shrinks at 1/{factor} of it, but has no batch dim (a "
                   "batch statistic spread over the batch?)")
       dims[t] = differ[0]
-  return SplitDims(dims, bad, literals), None
+  drawn = {t: (f"op #{op.index} `{op.name}` draws random bits of a "
+               "batch-sized shape; drawn per device they are not the "
+               "micro-batch's (a dropout mask the backward recomputes)")
+           for op in full.ops if op.name in _RANDOM for t in op.outputs
+           if t in dims and t not in bad}
+  return SplitDims(dims, bad, literals, drawn), None
 
 
-def _local_reason(gb: OpGraph, reduced, batch_dims: dict, bad: dict,
+def _local_reason(gb: OpGraph, reduced, batch_dims: dict, split: SplitDims,
                   partial_in: set, partial_out: set) -> str | None:
   """Why the backward ``gb`` alone cannot keep per-device partials; None
   when it can."""
+  bad = split.bad
   for t in list(gb.invars) + [t for op in gb.ops for t in op.outputs]:
     if t in bad:
       return bad[t]
+  for op in gb.ops:
+    for t in op.outputs:
+      if t in split.drawn:
+        return split.drawn[t]
   for t in gb.invars:
     if reduced(t) and t not in partial_in:
       return (f"its backward reads %{t} {gb.tensor(t).shape}, a value "
@@ -227,7 +248,7 @@ def plan_deferrals(backwards, forwards, splits, batch_dims: dict,
     partial_in = {t for t in gb.invars if reduced(t) and t in producer}
     partial_out = {t for t in gb.outvars if reduced(t) and (
         t in marked or (t in bwd_readers and t not in fwd_read))}
-    why = _local_reason(gb, reduced, batch_dims, split[1].bad, partial_in,
+    why = _local_reason(gb, reduced, batch_dims, split[1], partial_in,
                         partial_out)
     if why is None and not any(reduced(t) for t in gb.outvars):
       why = "its backward returns no gradient"

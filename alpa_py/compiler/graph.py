@@ -2,9 +2,26 @@
 
 Call-like primitives (``jit``, ``closed_call``, ``custom_jvp_call``,
 ``custom_vjp_call``, ``remat``) are inlined, because a sharding decision inside
-them is as free as one outside. Control flow (``scan``, ``while``, ``cond``) stays
-one node: its body runs on every iteration with the same sharding, so the
-strategy rules treat it as a whole.
+them is as free as one outside.
+
+``scan`` is planned through its body. The scan stays one op of
+``graph.ops`` (the unit that runs, that pipelines place in a layer and that
+gradient accumulation splits around), and its body becomes a ``Region``
+(``graph.regions[scan op index]``): the body's ops, flattened like the
+step's, over tensors of their own. A body op is an ordinary ``Op`` with
+``region`` set to its scan's index and ``trips`` to how often it runs per
+step (the product of the trip counts of the scans around it); its index
+follows every top-level op's, so ``graph.ops[i].index == i`` still holds.
+The region's inputs are explicit body tensors, one per scan operand:
+loop-invariant operands (``consts_in``), the carry as one iteration sees it
+(``carry_in``) and one slice of each stacked operand (``xs_in``, the stacked
+value's shape minus its leading dim); its outputs are body refs, the carry
+after one iteration (``carry_out``) and one slice of each stacked result
+(``ys_out``). Only the scan op reads or writes outer tensors, so every pass
+that walks ``graph.ops`` (layers, accumulation, pipelines) sees the scan as
+before; the intra-op pass (``auto_sharding``) and the lowering
+(``evaluate``) look inside. ``while`` (trip count unknown) and ``cond`` stay
+single ops.
 
 The graph records, per op, FLOPs and bytes (for the cost model) and, per tensor,
 where it is defined and last used (for the memory constraint).
@@ -21,6 +38,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
+from alpa_py.compiler.flops import op_flops
 from alpa_py.compiler.markers import (GRAD_MARKER, PIPELINE_BOUNDARY,
                                       PIPELINE_MARKER, is_boundary_eqn)
 
@@ -81,10 +99,52 @@ class Op:
   outputs: tuple[int, ...]
   flops: float = 0.0
   bytes_accessed: float = 0.0
+  # index of the scan whose body holds this op (None: a top-level op), and
+  # how many times the op runs per step
+  region: int | None = None
+  trips: int = 1
 
   @property
   def name(self) -> str:
     return self.primitive.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+  """The body of one ``scan``, as planned (see the module docstring).
+
+  Attributes:
+    op: index of the scan op.
+    length: the scan's trip count.
+    ops: the body's ops, in program order.
+    consts_in: body tensor of each loop-invariant operand.
+    carry_in: body tensor of each carried value, as an iteration reads it.
+    xs_in: body tensor of each stacked operand: one iteration's slice.
+    carry_out: body ref (tensor id or ``Literal``) of each carried value, as
+      an iteration returns it (also the scan's final carry).
+    ys_out: body ref of each stacked result: one iteration's slice.
+    consts: (tensor id, value) of the body's own constants.
+  """
+
+  op: int
+  length: int
+  ops: tuple
+  consts_in: tuple[int, ...]
+  carry_in: tuple[int, ...]
+  xs_in: tuple[int, ...]
+  carry_out: tuple
+  ys_out: tuple
+  consts: tuple = ()
+
+  @property
+  def invars(self) -> tuple[int, ...]:
+    """Body tensors in the order of the scan op's operands."""
+    return self.consts_in + self.carry_in + self.xs_in
+
+  @property
+  def outvars(self) -> tuple:
+    """Body refs in the order of the scan op's outputs."""
+    return self.carry_out + self.ys_out
 
 
 @dataclasses.dataclass
@@ -102,10 +162,20 @@ class OpGraph:
   grad_marked: tuple = ()  # per alpa_py.grad marker, the refs it marks
   # (position in ops, kind, refs) per pipeline marker, in program order
   pipeline_marks: tuple = ()
+  # scan op index -> its body (nested scans too; see ``Region``)
+  regions: dict = dataclasses.field(default_factory=dict)
 
   @functools.cached_property
   def outvar_set(self) -> frozenset:
     return frozenset(t for t in self.outvars if isinstance(t, int))
+
+  def all_ops(self, ops: Sequence[Op] | None = None):
+    """Every op in program order, each scan followed by its body's ops."""
+    for op in self.ops if ops is None else ops:
+      yield op
+      region = self.regions.get(op.index)
+      if region is not None:
+        yield from self.all_ops(region.ops)
 
   def tensor(self, t: int) -> TensorInfo:
     return self.tensors[t]
@@ -126,6 +196,25 @@ def _aval_info(aval) -> TensorInfo:
   return TensorInfo(shape, getattr(aval, "dtype", None))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Barrier:
+  """An ``optimization_barrier`` over one value, as ``make_op`` reads an
+  equation."""
+
+  primitive: Any = jax.lax.optimization_barrier_p
+  params: Any = dataclasses.field(default_factory=dict)
+
+
+_BARRIER = _Barrier()
+
+
+def _prevents_cse(eqn) -> bool:
+  """A ``jax.checkpoint`` region recomputed in the backward pass."""
+  return eqn.primitive.name in ("remat", "remat2", "checkpoint") and bool(
+      eqn.params.get("prevent_cse")) and bool(
+          eqn.params.get("differentiated"))
+
+
 def _sub_jaxpr(eqn) -> tuple[Any, Sequence[Any]] | None:
   key = _INLINE_PARAMS.get(eqn.primitive.name)
   if key is None or key not in eqn.params:
@@ -138,45 +227,14 @@ def _sub_jaxpr(eqn) -> tuple[Any, Sequence[Any]] | None:
   return None
 
 
-def _sub_jaxprs_flops(params: dict) -> float:
-  """FLOPs of the bodies of a control-flow op (one iteration / one branch)."""
-  total = 0.0
-  for v in params.values():
-    seq = v if isinstance(v, (tuple, list)) else (v,)
-    for item in seq:
-      jaxpr = None
-      if isinstance(item, jcore.ClosedJaxpr):
-        jaxpr = item.jaxpr
-      elif isinstance(item, jcore.Jaxpr):
-        jaxpr = item
-      if jaxpr is None:
-        continue
-      for eqn in jaxpr.eqns:
-        ins = [_aval_info(x.aval) for x in eqn.invars]
-        outs = [_aval_info(x.aval) for x in eqn.outvars]
-        total += op_flops(eqn.primitive.name, eqn.params, ins, outs)
-  return total
+@dataclasses.dataclass
+class _Scope:
+  """Where ``add_jaxpr`` puts ops: the step, or the body of a scan."""
 
-
-def op_flops(name: str, params: dict, ins: list[TensorInfo],
-             outs: list[TensorInfo]) -> float:
-  """Floating-point operations of one primitive application."""
-  if name == "dot_general":
-    (lc, _), _ = params["dimension_numbers"]
-    contract = math.prod(ins[0].shape[d] for d in lc)
-    return 2.0 * outs[0].size * contract
-  if name == "conv_general_dilated":
-    rhs = ins[1]
-    dn = params["dimension_numbers"]
-    rhs_spec = dn.rhs_spec
-    kernel_spatial = math.prod(rhs.shape[d] for d in rhs_spec[2:])
-    in_feat = rhs.shape[rhs_spec[1]]
-    return 2.0 * outs[0].size * in_feat * kernel_spatial
-  if name in ("scan", "while", "cond"):
-    body = _sub_jaxprs_flops(params)
-    length = params.get("length", 1) if name == "scan" else 1
-    return body * max(int(length), 1)
-  return float(sum(o.size for o in outs) + sum(i.size for i in ins))
+  ops: list
+  consts: dict
+  scan: Op | None = None  # the enclosing scan (None: top level)
+  trips: int = 1
 
 
 class _Builder:
@@ -187,12 +245,74 @@ class _Builder:
     self.consts: dict[int, Any] = {}
     self.grad_marked: list[tuple] = []
     self.pipeline_marks: list[tuple] = []
+    self.top = _Scope(self.ops, self.consts)
+    self.body_ops: list[Op] = []  # every body op, numbered at the end
+    self.regions: list[tuple[Op, dict]] = []
 
   def new_tensor(self, aval) -> int:
     self.tensors.append(_aval_info(aval))
     return len(self.tensors) - 1
 
-  def add_jaxpr(self, jaxpr, consts, in_refs) -> list:
+  def add_scan(self, eqn, ins, scope: _Scope) -> tuple[int, ...]:
+    """The scan op (in ``scope``) and its body as a region."""
+    out_ids = tuple(self.new_tensor(v.aval) for v in eqn.outvars)
+    op = self.make_op(eqn, ins, out_ids, scope)
+    body = eqn.params["jaxpr"]
+    length = int(eqn.params["length"])
+    nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+    body_in = [self.new_tensor(v.aval) for v in body.jaxpr.invars]
+    inner = _Scope([], {}, op, scope.trips * length)
+    outs = self.add_jaxpr(body.jaxpr, body.consts, body_in, inner)
+    self.regions.append((op, dict(
+        length=length, ops=tuple(inner.ops), consts_in=tuple(body_in[:nc]),
+        carry_in=tuple(body_in[nc:nc + nk]), xs_in=tuple(body_in[nc + nk:]),
+        carry_out=tuple(outs[:nk]), ys_out=tuple(outs[nk:]),
+        consts=tuple(inner.consts.items()))))
+    return out_ids
+
+  def make_op(self, eqn, ins, out_ids, scope: _Scope) -> Op:
+    in_infos = [self.tensors[i] if isinstance(i, int) else
+                _aval_info(jax.typeof(i.value)) for i in ins]
+    out_infos = [self.tensors[t] for t in out_ids]
+    op = Op(index=len(self.ops) if scope.scan is None else -1,
+            primitive=eqn.primitive, params=dict(eqn.params),
+            inputs=tuple(ins), outputs=out_ids, trips=scope.trips)
+    op.flops = op_flops(op.name, op.params, in_infos, out_infos)
+    op.bytes_accessed = float(sum(i.nbytes for i in in_infos) +
+                              sum(o.nbytes for o in out_infos))
+    if scope.scan is not None:
+      op.region = scope.scan  # the Op for now; its index once numbered
+      self.body_ops.append(op)
+    scope.ops.append(op)
+    return op
+
+  def barrier(self, refs, scope: _Scope) -> list:
+    """``refs`` through an ``optimization_barrier`` each (literals as they
+    are)."""
+    out = []
+    for ref in refs:
+      if isinstance(ref, Literal):
+        out.append(ref)
+        continue
+      t = self.new_tensor(jax.ShapeDtypeStruct(self.tensors[ref].shape,
+                                                  self.tensors[ref].dtype))
+      self.make_op(_BARRIER, [ref], (t,), scope)
+      out.append(t)
+    return out
+
+  def number_body_ops(self) -> dict[int, Region]:
+    """Numbers body ops after the top-level ones; returns the regions."""
+    for k, op in enumerate(self.body_ops):
+      op.index = len(self.ops) + k
+    for op in self.body_ops:
+      op.region = op.region.index
+    return {op.index: Region(op=op.index, **fields)
+            for op, fields in self.regions}
+
+  def add_jaxpr(self, jaxpr, consts, in_refs, scope: _Scope | None = None
+                ) -> list:
+    scope = self.top if scope is None else scope
+    top = scope.scan is None
     env: dict[Any, Any] = {}
 
     def read(v):
@@ -202,12 +322,18 @@ class _Builder:
 
     for var, val in zip(jaxpr.constvars, consts):
       t = self.new_tensor(var.aval)
-      self.consts[t] = val
+      scope.consts[t] = val
       env[var] = t
     for var, ref in zip(jaxpr.invars, in_refs):
       env[var] = ref
     for eqn in jaxpr.eqns:
       ins = [read(v) for v in eqn.invars]
+      if not top and (eqn.primitive.name in (GRAD_MARKER, PIPELINE_MARKER) or
+                      is_boundary_eqn(eqn)):
+        # markers inside a scan body mark nothing the pipeline can cut at
+        for var, ref in zip(eqn.outvars, ins):
+          env[var] = ref
+        continue
       if eqn.primitive.name == GRAD_MARKER:
         # identity; remembered so that gradient accumulation can find it
         for var, ref in zip(eqn.outvars, ins):
@@ -224,28 +350,31 @@ class _Builder:
         self.pipeline_marks.append((len(self.ops), PIPELINE_BOUNDARY, ()))
         continue
       if eqn.primitive.name == "optimization_barrier":
-        # identity: a scheduling hint for XLA, no layout decision of its own
-        for var, ref in zip(eqn.outvars, ins):
-          env[var] = ref
+        # kept, one op per value (each an identity that follows its
+        # operand's layout), so that the lowering keeps it too
+        for var, t in zip(eqn.outvars, self.barrier(ins, scope)):
+          env[var] = t
         continue
       sub = _sub_jaxpr(eqn)
+      if sub is not None and _prevents_cse(eqn):
+        # the recomputation of a ``jax.checkpoint`` region in the backward
+        # pass: JAX's lowering puts its inputs through a barrier so that XLA
+        # cannot merge it back into the forward pass; inlined, it gets the
+        # same barriers
+        ins = self.barrier(ins, scope)
       if sub is not None:
-        outs = self.add_jaxpr(sub[0], sub[1], ins)
+        outs = self.add_jaxpr(sub[0], sub[1], ins, scope)
         for var, ref in zip(eqn.outvars, outs):
           env[var] = ref
         continue
-      out_ids = tuple(self.new_tensor(v.aval) for v in eqn.outvars)
+      if eqn.primitive.name == "scan" and isinstance(
+          eqn.params.get("jaxpr"), jcore.ClosedJaxpr):
+        out_ids = self.add_scan(eqn, ins, scope)
+      else:
+        out_ids = tuple(self.new_tensor(v.aval) for v in eqn.outvars)
+        self.make_op(eqn, ins, out_ids, scope)
       for var, t in zip(eqn.outvars, out_ids):
         env[var] = t
-      in_infos = [self.tensors[i] if isinstance(i, int) else
-                  _aval_info(jax.typeof(i.value)) for i in ins]
-      out_infos = [self.tensors[t] for t in out_ids]
-      op = Op(index=len(self.ops), primitive=eqn.primitive,
-              params=dict(eqn.params), inputs=tuple(ins), outputs=out_ids)
-      op.flops = op_flops(op.name, op.params, in_infos, out_infos)
-      op.bytes_accessed = float(sum(i.nbytes for i in in_infos) +
-                                sum(o.nbytes for o in out_infos))
-      self.ops.append(op)
     return [read(v) for v in jaxpr.outvars]
 
 
@@ -263,7 +392,8 @@ def build_graph(closed_jaxpr) -> OpGraph:
   outvars = tuple(b.add_jaxpr(closed_jaxpr.jaxpr, closed_jaxpr.consts, invars))
   return _finish(b.tensors, b.ops, invars, outvars, b.consts,
                  grad_marked=tuple(b.grad_marked),
-                 pipeline_marks=tuple(b.pipeline_marks))
+                 pipeline_marks=tuple(b.pipeline_marks),
+                 regions=b.number_body_ops())
 
 
 def _finish(tensors, ops, invars, outvars, consts, **extra) -> OpGraph:
@@ -305,56 +435,5 @@ def subgraph(graph: OpGraph, ops: Sequence[Op], outputs: Sequence[int]) -> OpGra
   for t in outvars:
     if t not in produced and t not in graph.consts:
       invars[t] = None  # passed straight through
-  return _finish(graph.tensors, ops, tuple(invars), outvars, consts)
-
-
-def op_scope(index: int) -> str:
-  """The name scope ``evaluate`` gives op ``index`` (see ``hlo_stats``)."""
-  return f"op{index}"
-
-
-def evaluate(graph: OpGraph, args: Sequence[Any], *, on_output=None,
-             on_operand=None, ops: Sequence[Op] | None = None,
-             env: dict | None = None) -> list[Any]:
-  """Runs the graph by binding each primitive (usable inside ``jax.jit``).
-
-  Args:
-    graph: the graph to run.
-    args: one value per graph input.
-    on_output: optional ``fn(tensor_id, value) -> value`` applied to every op
-      output (the lowering uses it to insert sharding constraints).
-    on_operand: optional ``fn(op, position, tensor_id, value) -> value`` applied
-      to every tensor operand just before an op consumes it.
-    ops: a subset of ``graph.ops`` to run (default: all, in order).
-    env: tensor id -> value, for values already computed; updated in place.
-
-  Returns:
-    One value per graph output.
-  """
-  env = {} if env is None else env
-  for t, val in zip(graph.invars, args or ()):
-    env.setdefault(t, val)
-  for t, val in graph.consts.items():
-    env.setdefault(t, val)
-
-  def read(ref):
-    return ref.value if isinstance(ref, Literal) else env[ref]
-
-  for op in graph.ops if ops is None else ops:
-    # The scope names the op in the compiled HLO's metadata
-    # (op_name=".../op12/dot_general"), so that a collective XLA inserts can
-    # be traced back to the op whose layout caused it.
-    with jax.named_scope(op_scope(op.index)):
-      ins = []
-      for pos, ref in enumerate(op.inputs):
-        val = read(ref)
-        if on_operand is not None and isinstance(ref, int):
-          val = on_operand(op, pos, ref, val)
-        ins.append(val)
-      outs = op.primitive.bind(*ins, **op.params)
-      if not op.primitive.multiple_results:
-        outs = [outs]
-      for t, val in zip(op.outputs, outs):
-        env[t] = on_output(t, val) if on_output is not None else val
-  return [read(ref) if isinstance(ref, Literal) or ref in env else None
-          for ref in graph.outvars]
+  return _finish(graph.tensors, ops, tuple(invars), outvars, consts,
+                 regions=graph.regions)

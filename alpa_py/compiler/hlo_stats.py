@@ -7,7 +7,7 @@ reduce-scatter as an all-reduce whose result is only dynamic-sliced (by the
 partition id); such an all-reduce counts as a reduce-scatter. A merged
 all-reduce that holds both kinds counts once for each kind it holds.
 
-``graph.evaluate`` runs each op under the name scope ``op<index>``, so an
+``graph_eval.evaluate`` runs each op under the name scope ``op<index>``, so an
 instruction's ``metadata={op_name=".../op12/..."}`` names the graph op it
 came from.
 """
@@ -71,6 +71,16 @@ class _Instr:
   calls: str | None
   index: int | None  # get-tuple-element's index, parameter's number
   graph_op: int | None  # from the op<index> name scope
+  shape: str = ""  # the result's shape text (a tuple for merged ops)
+  replica_groups: str = ""  # a collective's replica_groups text
+
+
+# replica_groups as explicit lists, an iota ([2,4]<=[8], [4,2]<=[2,4]T(1,0))
+# or mesh axes (mesh['a'=2,'b'=4], device_ids=([2,4]T(1,0)) {'a'})
+_GROUPS = re.compile(r"replica_groups=(\{\{[^=]*?\}\}|\{\}|"
+                     r"\[[0-9,]*\]<=\[[0-9,]*\](?:T\([0-9,]*\))?|"
+                     r"mesh\[[^\]]*\](?:,\s*device_ids=\((?:[^()]|\([^()]*\))*\))?"
+                     r"\s*\{[^}]*\})")
 
 
 def _operands(rest: str) -> tuple[str, ...]:
@@ -101,7 +111,7 @@ def _parse(hlo_text: str) -> dict[str, list[_Instr]]:
     m = _INSTR.match(line)
     if not m:
       continue
-    name, _, opcode, rest = m.groups()
+    name, shape, opcode, rest = m.groups()
     calls = re.search(r"calls=%([\w.\-]+)", rest)
     if opcode == "get-tuple-element":
       index = re.search(r"\bindex=(\d+)", rest)
@@ -110,10 +120,12 @@ def _parse(hlo_text: str) -> dict[str, list[_Instr]]:
     else:
       index = None
     scope = _OP_SCOPE.search(rest)
+    groups = _GROUPS.search(rest)
     current.append(_Instr(name, opcode, _operands(rest),
                           calls.group(1) if calls else None,
                           int(index.group(1)) if index else None,
-                          int(scope.group(1)) if scope else None))
+                          int(scope.group(1)) if scope else None, shape,
+                          groups.group(1) if groups else ""))
   return comps
 
 
@@ -123,6 +135,10 @@ class Collective:
 
   kinds: tuple[str, ...]  # usually one; a merged all-reduce may hold two
   graph_op: int | None  # the graph op it was inserted for, where known
+  # per kind held, the bytes it works on: a reduce-scatter's operand, the
+  # result of the others (of the merged elements of that kind)
+  kind_bytes: tuple[tuple[str, int], ...] = ()
+  replica_groups: str = ""  # the replica_groups text, as in the HLO
 
 
 def _only_sliced(users, value: str, comps) -> bool:
@@ -144,12 +160,20 @@ def _only_sliced(users, value: str, comps) -> bool:
   return True
 
 
+def _element_bytes(shapes, index) -> int:
+  if index is None or index >= len(shapes):
+    return 0
+  dtype, dims = shapes[index]
+  return _shape_bytes(f"{dtype}[{dims}]")
+
+
 def collectives(hlo_text: str) -> list[Collective]:
   """Every collective of the module (fusion bodies have none), in order."""
   comps = _parse(hlo_text)
   out = []
   for instrs in comps.values():
     users = collections.defaultdict(list)
+    shapes = {ins.name: ins.shape for ins in instrs}
     for ins in instrs:
       for o in ins.operands:
         users[o].append(ins)
@@ -161,16 +185,27 @@ def collectives(hlo_text: str) -> list[Collective]:
       if base not in KINDS:
         continue
       if base != "all-reduce":
-        out.append(Collective((base,), ins.graph_op))
+        # a reduce-scatter works on its operand, the others on their result
+        shape = ins.shape if base != "reduce-scatter" else " ".join(
+            shapes.get(o, "") for o in ins.operands)
+        out.append(Collective((base,), ins.graph_op,
+                              ((base, _shape_bytes(shape)),),
+                              ins.replica_groups))
         continue
       parts = users[ins.name]
+      shapes = _SHAPE.findall(ins.shape)
       if parts and all(u.opcode == "get-tuple-element" for u in parts):
-        elements = [(u.name, users[u.name]) for u in parts]
+        elements = [(u.name, users[u.name], _element_bytes(shapes, u.index))
+                    for u in parts]
       else:
-        elements = [(ins.name, parts)]
-      kinds = {"reduce-scatter" if _only_sliced(us, v, comps) else "all-reduce"
-               for v, us in elements}
-      out.append(Collective(tuple(sorted(kinds)), ins.graph_op))
+        elements = [(ins.name, parts, _shape_bytes(ins.shape))]
+      by_kind: dict[str, int] = {}
+      for v, us, nbytes in elements:
+        kind = "reduce-scatter" if _only_sliced(us, v, comps) else "all-reduce"
+        by_kind[kind] = by_kind.get(kind, 0) + nbytes
+      out.append(Collective(tuple(sorted(by_kind)), ins.graph_op,
+                            tuple(sorted(by_kind.items())),
+                            ins.replica_groups))
   return out
 
 

@@ -23,21 +23,27 @@ import math
 from typing import Sequence
 
 from alpa_py.compiler.graph import Op, OpGraph
-from alpa_py.compiler.markers import PIPELINE_BOUNDARY, PIPELINE_SEED
+from alpa_py.compiler.markers import (PIPELINE_BOUNDARY, PIPELINE_ITERATION,
+                                     PIPELINE_SEED)
 from alpa_py.compiler.strategies.registry import is_heavy
 
 
 
 @dataclasses.dataclass(frozen=True)
 class ManualLayerOption:
-  """Layers from ``alpa_py.mark_pipeline_boundary()`` calls."""
+  """Layers from ``alpa_py.mark_pipeline_boundary()`` calls.
+
+  Attributes:
+    remat_layer: recompute each layer's forward in the backward pass, keeping
+      only the layers' inputs between a stage's forward and backward
+      (``compiler/remat.py``).
+  """
 
   remat_layer: bool = False
 
   def __post_init__(self):
-    if self.remat_layer:
-      raise ValueError("remat_layer=True is not supported yet; wrap the layer "
-                       "in jax.checkpoint yourself")
+    if not isinstance(self.remat_layer, bool):
+      raise TypeError(f"remat_layer (={self.remat_layer!r}) must be a bool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +52,9 @@ class AutoLayerOption:
 
   Attributes:
     layer_num: number of layers to form.
-    remat_layer: rematerialize layers (not supported yet).
+    remat_layer: recompute each layer's forward in the backward pass, keeping
+      only the layers' inputs between a stage's forward and backward
+      (``compiler/remat.py``).
     eps: allowed FLOPs imbalance: each layer <= (1 + eps) x the mean.
   """
 
@@ -59,19 +67,23 @@ class AutoLayerOption:
       raise ValueError(f"layer_num (={self.layer_num!r}) must be a positive int")
     if self.eps < 0:
       raise ValueError(f"eps (={self.eps}) must be >= 0")
-    if self.remat_layer:
-      raise ValueError("remat_layer=True is not supported yet; wrap the layer "
-                       "in jax.checkpoint yourself")
+    if not isinstance(self.remat_layer, bool):
+      raise TypeError(f"remat_layer (={self.remat_layer!r}) must be a bool")
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerAssignment:
-  """Layer of every pipeline op, and which ops are forward."""
+  """Layer of every pipeline op, and which ops are forward.
+
+  ``remat`` (the option's ``remat_layer``): each stage's backward recomputes
+  its layers' forward ops instead of reading them from its forward.
+  """
 
   num_layers: int
   layer_of: dict  # op index -> layer
   forward: frozenset  # op indices of the forward pass
   layer_flops: tuple[float, ...]
+  remat: bool = False
 
 
 def seed_position(graph: OpGraph) -> int:
@@ -139,10 +151,22 @@ def cluster_layers(flops: Sequence[float], cut_bytes: Sequence[float],
   return starts[::-1]
 
 
-def _atoms(fwd_ops: list[Op]) -> list[list[Op]]:
+def _atoms(fwd_ops: list[Op], cuts: Sequence[int] = ()) -> list[list[Op]]:
+  """Contiguous groups of forward ops the clustering cuts between: one
+  heavy op each, or (with ``cuts``, op positions) the segments between
+  cuts."""
   atoms: list[list[Op]] = []
+  cuts = sorted(cuts)
+  k = 0
   for op in fwd_ops:
-    if not atoms or (is_heavy(op.name) and any(is_heavy(o.name) for o in atoms[-1])):
+    if cuts:
+      new = k < len(cuts) and op.index >= cuts[k]
+      while k < len(cuts) and op.index >= cuts[k]:
+        k += 1
+    else:
+      new = is_heavy(op.name) and bool(atoms) and any(
+          is_heavy(o.name) for o in atoms[-1])
+    if not atoms or new:
       atoms.append([op])
     else:
       atoms[-1].append(op)
@@ -151,7 +175,12 @@ def _atoms(fwd_ops: list[Op]) -> list[list[Op]]:
 
 def _auto_forward_layers(graph: OpGraph, fwd_ops: list[Op],
                          option: AutoLayerOption) -> dict[int, int]:
-  atoms = _atoms(fwd_ops)
+  # the iterations of an unrolled scan over layers are the units to group,
+  # where there are enough of them
+  seed = fwd_ops[-1].index + 1 if fwd_ops else 0
+  cuts = [pos for pos, kind, _ in graph.pipeline_marks
+          if kind == PIPELINE_ITERATION and pos < seed]
+  atoms = _atoms(fwd_ops, cuts if len(cuts) + 1 >= option.layer_num else ())
   atom_of = {op.index: a for a, ops in enumerate(atoms) for op in ops}
   n = len(atoms)
   diff = [0.0] * (n + 1)
@@ -224,7 +253,8 @@ def assign_layers(graph: OpGraph, ops: Sequence[Op],
     num_layers = option.layer_num
   else:
     bounds = sorted(pos for pos, kind, _ in graph.pipeline_marks
-                    if kind == PIPELINE_BOUNDARY and pos < seed)
+                    if kind in (PIPELINE_BOUNDARY, PIPELINE_ITERATION)
+                    and pos < seed)
     if not bounds:
       raise ValueError(
           "ManualLayerOption found no layer boundary in the forward pass: call "
@@ -270,4 +300,5 @@ def assign_layers(graph: OpGraph, ops: Sequence[Op],
   for op in ops:
     flops[layer_of[op.index]] += op.flops
   return LayerAssignment(num_layers, layer_of,
-                         frozenset(op.index for op in fwd_ops), tuple(flops))
+                         frozenset(op.index for op in fwd_ops), tuple(flops),
+                         remat=option.remat_layer)

@@ -15,7 +15,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 
 from alpa_py.compiler.auto_sharding import ShardingSolution
-from alpa_py.compiler.graph import Literal, OpGraph, evaluate
+from alpa_py.compiler.graph import Literal, OpGraph
+from alpa_py.compiler.graph_eval import evaluate
 from alpa_py.compiler.strategies.spec import replicated, to_partition_spec
 
 def named_sharding(mesh: Mesh, spec) -> NamedSharding:

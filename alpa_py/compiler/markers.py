@@ -55,13 +55,20 @@ batching.primitive_batchers[grad_marker_p] = _batch
 # pass leaves a mirrored one in the backward pass:
 #   "boundary" -> "boundary_bwd"  (a layer boundary, data form)
 #   "loss"     -> "seed"          (the loss; its cotangent seeds the backward)
+# "iteration" marks the carry between two iterations of a scan over layers
+# that the pipelined compile unrolled (``compiler/unroll.py``): a layer
+# boundary the layer pass may cut at.
 PIPELINE_MARKER = "alpa_pipeline_marker"
 PIPELINE_BOUNDARY = "boundary"
 PIPELINE_BOUNDARY_BWD = "boundary_bwd"
 PIPELINE_LOSS = "loss"
 PIPELINE_SEED = "seed"
+PIPELINE_ITERATION = "iteration"
+PIPELINE_ITERATION_BWD = "iteration_bwd"
 _TRANSPOSED_KIND = {PIPELINE_BOUNDARY: PIPELINE_BOUNDARY_BWD,
                     PIPELINE_BOUNDARY_BWD: PIPELINE_BOUNDARY,
+                    PIPELINE_ITERATION: PIPELINE_ITERATION_BWD,
+                    PIPELINE_ITERATION_BWD: PIPELINE_ITERATION,
                     PIPELINE_LOSS: PIPELINE_SEED, PIPELINE_SEED: PIPELINE_LOSS}
 
 pipeline_marker_p = Primitive(PIPELINE_MARKER)

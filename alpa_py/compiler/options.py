@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from alpa_py.compiler.cluster_env import PROFILE_NAMES
+from alpa_py.compiler.cluster_env import PROFILE_NAMES, CostProfile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +24,9 @@ class AutoShardingOption:
     allow_mixed_mesh_shape: also split a dim over both mesh axes in the
       order (1, 0).
     solver_time_limit_s: wall-clock limit of one ILP solve.
-    cost_profile: ``"cpu"`` (measured here) or a GPU-cluster preset name.
+    cost_profile: ``"cpu"`` (measured here), a GPU-cluster preset name,
+      ``"cpu:calibrated"`` (a cost model calibrated here on first use, then
+      cached), or a ``CostProfile`` such as ``alpa_py.calibrate()`` returns.
     force_batch_dim_to_mesh_dim: keep the batch dim of every op that has one
       split over this mesh axis (Alpa's option; the constrained methods set
       it to their data axis). None: the ILP decides.
@@ -45,7 +47,7 @@ class AutoShardingOption:
   prefer_reduce_scatter: bool = False
   allow_mixed_mesh_shape: bool = False
   solver_time_limit_s: float = 60
-  cost_profile: str = "cpu"
+  cost_profile: str | CostProfile = "cpu"
   force_batch_dim_to_mesh_dim: int | None = None
   allow_recompute_heavy_op: bool = False
   force_zero_stage_3_all_gather_threshold: int = 0
@@ -73,6 +75,7 @@ class AutoShardingOption:
     if not isinstance(g, int) or isinstance(g, bool) or g < 0:
       raise ValueError("force_zero_stage_3_all_gather_threshold "
                        f"(={g!r}) must be a non-negative number of bytes")
-    if self.cost_profile not in PROFILE_NAMES:
+    if not isinstance(self.cost_profile, CostProfile) and \
+        self.cost_profile not in PROFILE_NAMES:
       raise ValueError(f"cost_profile (={self.cost_profile!r}) must be one of "
-                       f"{PROFILE_NAMES}")
+                       f"{PROFILE_NAMES} or a CostProfile (alpa_py.calibrate())")

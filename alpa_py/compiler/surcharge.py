@@ -1,7 +1,7 @@
 """Charging an op for the collectives XLA added that its plan did not price.
 
 After a compile, every collective in the optimized HLO names the graph op it
-was inserted for (``graph.evaluate``'s ``op<index>`` name scopes). One that
+was inserted for (``graph_eval.evaluate``'s ``op<index>`` name scopes). One that
 the plan did not predict at that op becomes a ``Surcharge`` on the op's
 chosen strategy: its time is added to that strategy's cost in the next
 solve, and, if the strategy is chosen again, the collective is part of the

@@ -20,7 +20,8 @@ from alpa_py.compiler import accumulation, deferred_reduction
 from alpa_py.compiler.auto_sharding import InfeasiblePlanError, run_auto_sharding
 from alpa_py.compiler.cluster_env import (LogicalMesh, get_profile,
                                           mesh_factorizations)
-from alpa_py.compiler.graph import OpGraph, evaluate, subgraph
+from alpa_py.compiler.graph import OpGraph, subgraph
+from alpa_py.compiler.graph_eval import evaluate
 from alpa_py.compiler.layers import assign_layers
 from alpa_py.compiler.lowering import (constraint_hooks, io_shardings,
                                        tensor_spec)
@@ -37,7 +38,8 @@ from alpa_py.driver.plans import PipeshardPlan, StagePlan, TensorPlan, make_plan
 from alpa_py.driver.signature import Signature
 from alpa_py.driver.stage_construction import (Pieces, auto_stages,
                                                compile_task, manual_stages,
-                                               solve_stage, uniform_stages)
+                                               recomputed_ops, solve_stage,
+                                               uniform_stages)
 from alpa_py.driver.tracing import TracedStep, trace_step
 from alpa_py.methods import PipeshardParallel
 from alpa_py.runtime.backend import Backend
@@ -129,7 +131,8 @@ class _PerDeviceTraces:
     if d not in self._graphs:
       n = self._traced.num_micro_batches
       try:
-        local = trace_step(self._fun, self._sig, n * d).graph
+        local = trace_step(self._fun, self._sig, n * d,
+                           unroll_layer_scans=True).graph
       except Exception as e:  # pylint: disable=broad-except
         self._graphs[d] = (None, f"the step does not trace at 1/{d} of the "
                            f"micro-batch ({type(e).__name__}: {e})")
@@ -163,6 +166,11 @@ def _deferrals(traces: _PerDeviceTraces | None, pieces: Pieces, solved):
       out.append(((p, local, split), "once per step "
                   f"({len(p.accumulated)} accumulated partials)"))
   return out
+
+
+def _num_residuals(gf: OpGraph, gb: OpGraph) -> int:
+  """Values a stage's forward hands to its own backward."""
+  return len(set(gf.outvars) & set(gb.invars))
 
 
 def _compile_stages(pieces: Pieces, specs, devices, option: AutoShardingOption,
@@ -205,7 +213,9 @@ def _compile_stages(pieces: Pieces, specs, devices, option: AutoShardingOption,
                      for t in joint.invars),
         strategies=tuple((op.name, sol.strategy_of.get(op.index, "follows"))
                          for op in joint.ops if is_heavy(op.name)),
-        gradient_reduction=note))
+        gradient_reduction=note,
+        num_recomputed_ops=len(recomputed_ops(pieces, gb)),
+        num_residuals=_num_residuals(gf, gb) if pieces.layers.remat else 0))
   return stages, stage_plans
 
 
@@ -216,7 +226,7 @@ def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
   report: dict = {}
   n = method.num_micro_batches
   option = method.default_auto_sharding_option
-  traced = trace_step(fun, sig, n)
+  traced = trace_step(fun, sig, n, unroll_layer_scans=True)
   graph = traced.graph
   part = accumulation.partition(graph, sig.batch_inputs, n, traced.out_names)
   pipe_ops = sorted(part.pre + part.body, key=lambda o: o.index)
@@ -274,7 +284,8 @@ def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
                 for t in update_graph.invars),
           len(update_graph.outvars), "update", option.cost_profile,
           update_mesh, out_names=traced.out_names),
-      compile_report=tuple(sorted(report.items())))
+      compile_report=tuple(sorted(report.items())),
+      remat_layer=layers.remat)
   ex = PipeshardExecutable(program, plan, traced.out_tree,
                            time.perf_counter() - t_start, backend, sig)
   _progress.log(f"pipeline compiled in {ex.compile_seconds:.1f} s")

@@ -27,13 +27,18 @@ class TensorPlan:
 
 @dataclasses.dataclass(frozen=True)
 class OpPlan:
-  """The strategy chosen for one dot/conv op."""
+  """The strategy chosen for one dot/conv op.
+
+  ``trips``: how many times it runs per step (> 1 inside a scan's body,
+  where one strategy serves every iteration).
+  """
 
   index: int
   primitive: str
   shapes: str
   strategy: str
   out_spec: PartitionSpec
+  trips: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +70,8 @@ class ShardingPlan:
     axis_names: mesh axis names (``x``, ``y``).
     inputs: layout of every flat input.
     outputs: layout of every flat output.
-    ops: strategy of every dot_general / conv op.
+    ops: strategy of every dot_general / conv op (those in scans' bodies
+      too, once each, with how often they run).
     num_micro_batches: gradient-accumulation steps (1: none).
     cost_profile: the profile the costs come from.
     predicted_step_seconds: the ILP objective.
@@ -126,7 +132,8 @@ class ShardingPlan:
     lines.append("  dot/conv ops:")
     for o in self.ops:
       lines.append(f"    #{o.index:<5} {o.primitive:<20} {o.shapes:<36} "
-                   f"{o.strategy:<28} -> {o.out_spec}")
+                   f"{o.strategy:<28} -> {o.out_spec}"
+                   + (f"  (x{o.trips}, in a scan)" if o.trips > 1 else ""))
     return "\n".join(lines)
 
 
@@ -148,6 +155,11 @@ class StagePlan:
     gradient_reduction: under ``force_data_parallel``, when the stage
       reduces its gradients over its devices ("once per step", or "per
       micro-batch" and why); empty otherwise.
+    num_recomputed_ops: with ``remat_layer``, the forward ops its backward
+      runs again (counted in ``num_backward_ops`` and, once more, in
+      ``predicted_seconds``).
+    num_residuals: with ``remat_layer``, the forward values (its layers'
+      inputs) it keeps between its forward and its backward.
   """
 
   index: int
@@ -161,11 +173,17 @@ class StagePlan:
   inputs: tuple[TensorPlan, ...]
   strategies: tuple[tuple[str, str], ...]
   gradient_reduction: str = ""
+  num_recomputed_ops: int = 0
+  num_residuals: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class PipeshardPlan:
-  """Stages, schedule and the update's sharding plan."""
+  """Stages, schedule and the update's sharding plan.
+
+  ``remat_layer``: each stage's backward recomputes its layers' forward
+  (``compiler/remat.py``).
+  """
 
   stages: tuple[StagePlan, ...]
   schedule: tuple[str, ...]  # one line of tasks per clock
@@ -175,11 +193,14 @@ class PipeshardPlan:
   layer_flops: tuple[float, ...]
   update_plan: ShardingPlan
   compile_report: tuple  # (name, value) pairs: seconds spent per phase
+  remat_layer: bool = False
 
   def __str__(self) -> str:
     lines = [f"PipeshardPlan: {len(self.stages)} stages over {self.num_layers} "
              f"layers, {self.num_micro_batches} micro-batches, schedule "
-             f"{self.schedule_name}"]
+             f"{self.schedule_name}"
+             + (", remat_layer on (each layer's forward recomputed in the "
+                "backward)" if self.remat_layer else "")]
     for s in self.stages:
       lines.append(
           f"  stage {s.index}: layers {s.layers[0]}-{s.layers[1] - 1}, devices "
@@ -188,6 +209,9 @@ class PipeshardPlan:
           f"bwd ops, predicted {s.predicted_seconds * 1e3:.3f} ms/micro-batch")
       if s.gradient_reduction:
         lines.append(f"      gradients reduced {s.gradient_reduction}")
+      if self.remat_layer:
+        lines.append(f"      remat: backward recomputes {s.num_recomputed_ops} "
+                     f"forward ops, keeps {s.num_residuals} layer inputs")
       for prim, strat in s.strategies:
         lines.append(f"      {prim:<20} {strat}")
     lines.append("  schedule (one clock per line):")
@@ -230,12 +254,13 @@ def make_plan(graph: OpGraph, sol: ShardingSolution, paths, out_count,
     name = out_names[k] if out_names else f"out{k}"
     outputs.append(TensorPlan(name, shape, dtype, to_partition_spec(spec, names)))
   ops = []
-  for op in graph.ops:
+  for op in graph.all_ops():  # scans' bodies included
     if is_heavy(op.name):
       out_t = op.outputs[0]
       ops.append(OpPlan(op.index, op.name, _shapes_str(graph, op),
                         sol.strategy_of.get(op.index, "follows operand"),
-                        to_partition_spec(tensor_spec(graph, sol, out_t), names)))
+                        to_partition_spec(tensor_spec(graph, sol, out_t), names),
+                        op.trips))
   return ShardingPlan(
       method=method_name, mesh_shape=sol.mesh_shape,
       axis_names=tuple(names), inputs=inputs, outputs=tuple(outputs),

@@ -26,7 +26,7 @@ from typing import Callable
 from jax.sharding import Mesh
 
 from alpa_py import _progress
-from alpa_py.compiler import accumulation
+from alpa_py.compiler import accumulation, control_flow
 from alpa_py.compiler.auto_sharding import (InfeasiblePlanError,
                                             ShardingSolution, run_auto_sharding)
 from alpa_py.compiler.cluster_env import LogicalMesh, get_profile
@@ -283,6 +283,7 @@ def compile_shard_parallel(fun: Callable, sig: Signature, config: ShardConfig,
   compile under the memory budget, checking the collectives."""
   t_start = time.perf_counter()
   traced = trace_step(fun, sig, config.num_micro_batches)
+  control_flow.warn_replicated(traced.graph)
 
   solved: dict = {}
 

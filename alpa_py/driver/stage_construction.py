@@ -23,6 +23,7 @@ from alpa_py.compiler.graph import OpGraph, subgraph
 from alpa_py.compiler.lowering import io_shardings, make_step_fn
 from alpa_py.compiler.options import AutoShardingOption
 from alpa_py.compiler.program import Task, make_mesh
+from alpa_py.compiler.remat import plan_stage_remat, recompute_charges
 from alpa_py.compiler.strategies.spec import replicated
 from alpa_py.compiler.stages import (AutoStageOption, CostSource,
                                      ManualStageOption, StageSpec,
@@ -74,27 +75,48 @@ def _needed_outside(graph: OpGraph, ops, keep: set) -> list[int]:
 
 
 def _stage_graphs(pieces: Pieces, start: int, end: int):
-  """(joint graph, fwd graph, bwd graph) of the layers [start, end)."""
+  """(joint graph, fwd graph, bwd graph) of the layers [start, end).
+
+  With ``remat_layer`` the backward graph also holds the forward ops it
+  recomputes (``compiler/remat.py``), and the forward returns, for its own
+  backward, only its layers' inputs."""
   g = pieces.graph
   keep = set(pieces.marked) | g.outvar_set
   fwd, bwd = _stage_ops(pieces, start, end)
-  out_f = _needed_outside(g, fwd, keep)
   out_b = _needed_outside(g, bwd, keep)
-  joint = subgraph(g, sorted(fwd + bwd, key=lambda o: o.index),
-                   _needed_outside(g, fwd + bwd, keep))
-  return joint, subgraph(g, fwd, out_f), subgraph(g, bwd, out_b)
+  out_joint = _needed_outside(g, fwd + bwd, keep)
+  joint = subgraph(g, sorted(fwd + bwd, key=lambda o: o.index), out_joint)
+  if not pieces.layers.remat:
+    return joint, subgraph(g, fwd, _needed_outside(g, fwd, keep)), \
+        subgraph(g, bwd, out_b)
+  plan = plan_stage_remat(g, pieces.layers.layer_of, fwd, bwd)
+  # what leaves the stage, plus the layer inputs its backward reads
+  outside = set(out_joint) | set(plan.residuals)
+  out_f = [t for op in fwd for t in op.outputs if t in outside]
+  ops = {op.index: op for op in fwd + bwd}
+  return joint, subgraph(g, fwd, out_f), subgraph(
+      g, [ops[i] for i in plan.backward_order], out_b)
+
+
+def recomputed_ops(pieces: Pieces, gb: OpGraph) -> list:
+  """The forward ops a stage's backward graph runs again (none without
+  ``remat_layer``)."""
+  return [op for op in gb.ops if op.index in pieces.layers.forward]
 
 
 def solve_stage(pieces: Pieces, start, end, logical,
                 option: AutoShardingOption, profile):
   """The intra-op plan of layers [start, end) on a logical mesh:
-  (solution, joint graph, forward graph, backward graph)."""
+  (solution, joint graph, forward graph, backward graph). With
+  ``remat_layer`` the objective counts the recomputed forward ops twice."""
   joint, gf, gb = _stage_graphs(pieces, start, end)
   specs = {i: [replicated(len(joint.tensor(t).shape))]
            for i, t in enumerate(joint.invars)
            if t in pieces.replicated_inputs}
-  sol = run_auto_sharding(joint, LogicalMesh(tuple(logical), profile), option,
-                          input_specs=specs, batch_dims=pieces.batch_dims)
+  mesh = LogicalMesh(tuple(logical), profile)
+  charges = recompute_charges(joint, recomputed_ops(pieces, gb), mesh, option)
+  sol = run_auto_sharding(joint, mesh, option, input_specs=specs,
+                          batch_dims=pieces.batch_dims, surcharges=charges)
   return sol, joint, gf, gb
 
 
@@ -222,7 +244,8 @@ def auto_stages(stage_option: AutoStageOption, pieces: Pieces, num_devices,
       sol, joint, gf, gb = solve_stage(pieces, l, l + 1, logical, option,
                                        profile)
       sub = devices[:math.prod(logical)]
-      key = (_signature(joint), logical, tuple(d.id for d in sub), option)
+      key = (_signature(joint), logical, tuple(d.id for d in sub), option,
+             pieces.layers.remat)
       if key not in _PROFILE_CACHE:
         mesh = make_mesh(sub, logical)
         f, b = compile_task(gf, sol, mesh), compile_task(gb, sol, mesh)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import jax
 
 from alpa_py import _progress
-from alpa_py.compiler import accumulation
+from alpa_py.compiler import accumulation, unroll
 from alpa_py.compiler.batch_dims import batch_seeds, infer_batch_dims
 from alpa_py.compiler.graph import OpGraph, build_graph
 from alpa_py.driver.signature import Signature, hide_static
@@ -117,9 +117,12 @@ def trace_jaxpr(fun: Callable, sig: Signature, leaves_sds):
   return closed, info["tree"], tuple(info["aliases"])
 
 
-def trace_step(fun: Callable, sig: Signature,
-               num_micro_batches: int = 1) -> TracedStep:
+def trace_step(fun: Callable, sig: Signature, num_micro_batches: int = 1,
+               unroll_layer_scans: bool = False) -> TracedStep:
   """Traces the step on one micro-batch (the whole batch when ``n == 1``).
+
+  With ``unroll_layer_scans`` (pipelines), each scan over layers is
+  unrolled into its iterations (``compiler/unroll.py``).
 
   Raises:
     ValueError: ``num_micro_batches`` does not divide a batch input.
@@ -129,6 +132,10 @@ def trace_step(fun: Callable, sig: Signature,
   sds = [aval.sds(shape) for shape, aval in zip(shapes, sig.avals)]
   with _progress.step("tracing"):
     closed, out_tree, alias_pairs = trace_jaxpr(fun, sig, sds)
+    run = unroll.unrolled(closed) if unroll_layer_scans else None
+    if run is not None:
+      closed = jax.make_jaxpr(run)(*sds)
+      _progress.log("scans over layers unrolled into their iterations")
   graph = build_graph(closed)
   _progress.log(f"graph: {graph.summary()}")
   return TracedStep(graph, out_tree, alias_pairs, tuple(map(tuple, shapes)),

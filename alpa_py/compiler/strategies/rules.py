@@ -22,10 +22,15 @@ ELEMENTWISE = (
     "min mul ne neg nextafter not one_minus_square or polygamma population_count pow real "
     "reduce_precision rem round rsqrt select_n shift_left "
     "shift_right_arithmetic shift_right_logical sign sin sinh sqrt square "
-    "stop_gradient sub tan tanh xor threefry2x32 zeta").split()
+    "stop_gradient sub tan tanh xor threefry2x32 zeta "
+    # one operand each (``graph`` splits a barrier over several values into
+    # one per value): an identity that XLA may not look through
+    "optimization_barrier").split()
 
-# Deliberately kept whole: control flow (the body runs with one layout on
-# every iteration, and we do not look inside), PRNG key plumbing (tiny), and
+# Deliberately kept whole: control flow we cannot look inside (``while``
+# with an unknown trip count, ``cond``; a ``scan`` is planned through its
+# body, see ``graph.Region``, and reaches this rule only where it has none),
+# PRNG key plumbing (tiny), and
 # grouped matmuls / custom kernels whose row groups a split would cut, and
 # dense factorizations (cholesky, triangular solves, eigh, ...: the small
 # n x n systems of second-order optimizers, where a split buys nothing).

@@ -88,6 +88,31 @@ def top_k_rule(op, ins, outs):
   return _partial_identity_nest(ins, outs, {r - 1})
 
 
+@register("stack")
+def stack_rule(op, ins, outs):
+  """``jnp.stack``: the operands' dims map around the new dim, which stays
+  whole (each operand is one slice of it)."""
+  axis = op.params["axis"]
+  out = outs[0].shape
+  r = len(out)
+  in_map = tuple(d if d < axis else d + 1 for d in range(r - 1))
+  return LoopNest(sizes=out, shardable=tuple(d != axis for d in range(r)),
+                  in_maps=tuple(in_map if i is not None else None for i in ins),
+                  out_maps=(tuple(range(r)),))
+
+
+@register("unstack")
+def unstack_rule(op, ins, outs):
+  """``jnp.unstack``: every result is one slice of the unstacked dim."""
+  axis = op.params["axis"]
+  src = ins[0].shape
+  r = len(src)
+  return LoopNest(sizes=src, shardable=tuple(d != axis for d in range(r)),
+                  in_maps=(tuple(range(r)),),
+                  out_maps=tuple(tuple(d for d in range(r) if d != axis)
+                                 for _ in outs))
+
+
 @register("split")
 def split_rule(op, ins, outs):
   axis = op.params["axis"]
