@@ -361,3 +361,26 @@ def test_shard_parallel_finds_megatron_on_a_bert_layer(mesh):
   assert dict(ex.plan.predicted_collectives) == dict(
       ex.plan.compiled_collectives)
   _same_as_single_device(state, batch, step, par)
+
+
+def test_shard_parallel_on_2x2_is_megatron_inside_data_parallel_as_predicted():
+  """On a (2, 2) mesh the same BERT layer is data parallel over x and
+  Megatron over y (query/key/value and fc1 split by column on y, proj and
+  fc2 by row with an all-reduce), and the collectives XLA compiles are the
+  ones the plan predicts (a bias gradient all-reduced over one axis rather
+  than reduce-scattered over both and gathered again)."""
+  state, batch, step = MODELS["encoder"](batch=8, seq=256, hidden=1024)
+  method = alpa_py.ShardParallel(devices=jax.devices()[:4], mesh_shape=(2, 2),
+                                 auto_sharding_option=OPT)
+  par = alpa_py.parallelize(step, method=method)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", alpa_py.PlanMismatchWarning)
+    ex = par.get_executable(state, batch)
+  fwd = ex.plan.ops[:8]
+  for o in (fwd[0], fwd[1], fwd[2], fwd[6]):  # column parallel on y
+    assert "j0:S1" in o.strategy, o
+  for o in (fwd[5], fwd[7]):  # row parallel on y, reduced
+    assert "k0:S1+AR" in o.strategy, o
+  assert dict(ex.plan.predicted_collectives) == dict(
+      ex.plan.compiled_collectives)
+  _same_as_single_device(state, batch, step, par)

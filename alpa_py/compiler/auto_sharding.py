@@ -27,6 +27,7 @@ from alpa_py import _progress
 from alpa_py.compiler import ilp
 from alpa_py.compiler.cluster_env import LogicalMesh
 from alpa_py.compiler.graph import Literal, OpGraph
+from alpa_py.compiler.follower_polish import polish_followers
 from alpa_py.compiler.ilp_nodes import Node as _Node
 from alpa_py.compiler.ilp_nodes import (add_region_inputs, add_region_results,
                                        timeline)
@@ -183,6 +184,7 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
         extra = surcharges.get((op.index, strats[best_k].name))
         node.cost[s] += (best_c + (extra.seconds if extra else 0.0)) * op.trips
       node.followers.append((op.index, [strats[k].name for k in picks]))
+      node.follower_choices.append((op, strats, pos, picks))
       for j, out in enumerate(op.outputs):
         node.specs[out] = [strats[k].out_specs[j] for k in picks]
         node_of[out] = node_idx
@@ -395,20 +397,22 @@ def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh,
                 f"{result.objective * 1e3:.3f} ms in {result.solve_seconds:.2f} s "
                 f"({result.num_variables} variables, {result.num_constraints} "
                 "constraints)")
-  return _solution(graph, nodes, node_of, result, mesh, edges, memory)
+  return _solution(graph, nodes, node_of, result, mesh, edges, memory, rc)
 
 
-def _solution(graph, nodes, node_of, result, mesh, edges, memory):
+def _solution(graph, nodes, node_of, result, mesh, edges, memory, rc):
   choice = result.choice
   tensor_specs = {}
   for t, n in node_of.items():
     specs = nodes[n].specs.get(t)
     if specs is not None:
       tensor_specs[t] = specs[choice[n]]
+  renamed, wants = polish_followers(graph, nodes, node_of, choice,
+                                    tensor_specs, rc)
   operand_specs = {}
   for n, node in enumerate(nodes):
     for t, op_idx, pos, req, _ in node.reqs:
-      want = req[choice[n]]
+      want = wants.get((op_idx, pos), req[choice[n]])
       if want is not None and want != tensor_specs.get(t):
         operand_specs[(op_idx, pos)] = want
   constrained = []
@@ -420,7 +424,8 @@ def _solution(graph, nodes, node_of, result, mesh, edges, memory):
         constrained.extend(node.root_outputs)
     if len(node.cost) > 1:
       constrained.extend(node.pinned)
-    op_strategies.extend((i, names[choice[n]]) for i, names in node.followers)
+    op_strategies.extend((i, renamed.get(i, names[choice[n]]))
+                         for i, names in node.followers)
   peak = _peak_bytes(graph, nodes, node_of, choice, mesh.shape, list(memory))
   return ShardingSolution(
       mesh_shape=mesh.shape, tensor_specs=tuple(sorted(tensor_specs.items())),

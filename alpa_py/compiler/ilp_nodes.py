@@ -42,6 +42,9 @@ class Node:
   # (op index, its strategy name per strategy of the node) of the ops that
   # follow this node
   followers: list = dataclasses.field(default_factory=list)
+  # (op, its strategies, followed operand position, pick per strategy of
+  # the node) of each follower, for ``polish_followers``
+  follower_choices: list = dataclasses.field(default_factory=list)
   # other tensors the lowering constrains where the node has a choice (a
   # region's inputs, a scan's results)
   pinned: list = dataclasses.field(default_factory=list)
