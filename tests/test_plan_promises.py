@@ -34,8 +34,9 @@ def _compile(model, method_cls, mesh, strict=True, **kw):
   return state, batch, step, par, ex
 
 
-def _same_as_single_device(state, batch, step, par):
-  ref_state, ref_loss = jax.jit(step)(state, batch)
+def _same_as_single_device(state, batch, step, par, reference=None):
+  """One step of ``par`` equals ``reference`` (default: ``jax.jit``)."""
+  ref_state, ref_loss = (reference or jax.jit(step))(state, batch)
   out_state, loss = par(state, batch)
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(out_state.params),
@@ -186,13 +187,7 @@ def _pipeline_data_parallel(make, reference=None):
   state, batch, step = make()
   par = _pipeline(step)
   ex = par.get_executable(state, batch)
-  ref_state, ref_loss = (reference or jax.jit(step))(state, batch)
-  out, loss = par(state, batch)
-  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(out.params),
-                  jax.tree_util.tree_leaves(ref_state.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                               atol=1e-5)
+  _same_as_single_device(state, batch, step, par, reference)
   return ex
 
 

@@ -279,8 +279,7 @@ def plan_deferrals(backwards, forwards, splits, batch_dims: dict,
   return out
 
 
-def _spec(axes, ndim: int, dim: int | None) -> PartitionSpec:
-  del ndim
+def _spec(axes, dim: int | None) -> PartitionSpec:
   if dim is None:
     return PartitionSpec()
   return PartitionSpec(*([None] * dim), axes)
@@ -306,7 +305,7 @@ def compile_backward(gb: OpGraph, local: OpGraph, split: SplitDims,
   def spec(t, stacked):
     if t in stacked:
       return PartitionSpec(axes)
-    return _spec(axes, len(gb.tensor(t).shape), dims.get(t))
+    return _spec(axes, dims.get(t))
 
   in_specs = tuple(spec(t, deferral.stacked_in) for t in gb.invars)
   out_specs = tuple(spec(t, deferral.stacked_out) for t in gb.outvars)
