@@ -36,11 +36,17 @@ import json, os, sys
 sys.path.insert(0, os.environ["TESTS_DIR"])
 import jax, numpy as np
 import alpa_py
-from scan_models import decoder_setup
+from scan_models import DecoderConfig, decoder_setup
 
+# the default decoder (data parallel wins) and a wide one on a small batch
+# (Megatron-style wins: its kernels are split on their hidden dims)
+WIDE = DecoderConfig(hidden=1024, mlp=4096, heads=8, batch=2, layers=2)
 out = {}
-for name, scanned in (("scan", True), ("unrolled", False)):
-  state, tokens, step = decoder_setup(scanned=scanned)
+for name, scanned, cfg in (("scan", True, DecoderConfig()),
+                           ("unrolled", False, DecoderConfig()),
+                           ("scan_wide", True, WIDE),
+                           ("unrolled_wide", False, WIDE)):
+  state, tokens, step = decoder_setup(cfg, scanned=scanned)
   f = alpa_py.parallelize(step, method=alpa_py.ShardParallel(
       devices=jax.devices()[:4], mesh_shape=%(mesh)r,
       auto_sharding_option=alpa_py.AutoShardingOption(cost_profile=%(prof)r)))
@@ -56,7 +62,7 @@ for name, scanned in (("scan", True), ("unrolled", False)):
   out[name] = dict(
       ops=len(ex.plan.ops), trips=[o.trips for o in ex.plan.ops],
       specs={t.name: [None if e is None else str(e) for e in t.spec]
-             for t in ex.plan.inputs if len(t.shape) == 3},
+             for t in ex.plan.inputs if len(t.shape) >= 2},
       memory=int(ex.memory_per_device()), rel_err=err,
       loss=[float(loss), float(ref_loss)])
 print("RESULT " + json.dumps(out))
@@ -93,7 +99,7 @@ def test_scan_plan_lists_body_dots(runs):
 def test_stacked_dim_never_sharded(runs):
   res, _ = runs
   stacked = {k: v for k, v in res["scan"]["specs"].items() if "layers" in k}
-  assert len(stacked) == 8  # 4 kernels, params and momentum
+  assert len(stacked) == 12  # 4 kernels and 2 norm scales, params, momentum
   for name, spec in stacked.items():
     assert not spec or spec[0] is None, (name, spec)
   # the momentum of the stacked kernels is sharded, on a hidden dim
@@ -101,10 +107,29 @@ def test_stacked_dim_never_sharded(runs):
              if "trace" in name), stacked
 
 
-def test_scan_memory_within_unrolled(runs):
+def test_wide_scan_kernels_sharded_on_hidden_dims(runs):
+  """Where Megatron-style wins, the stacked kernels are split on a hidden
+  dim, as the unrolled layers' kernels are, never on the layer axis."""
   res, _ = runs
-  ratio = res["scan"]["memory"] / res["unrolled"]["memory"]
-  assert ratio <= 1.1, (res["scan"]["memory"], res["unrolled"]["memory"])
+  for key, stacked in (("scan_wide", True), ("unrolled_wide", False)):
+    kernels = {k: v for k, v in res[key]["specs"].items()
+               if "kernel" in k and "trace" not in k and
+               ("layers" in k) == stacked and "layer" in k}
+    assert kernels, res[key]["specs"]
+    for name, spec in kernels.items():
+      if stacked:
+        assert not spec or spec[0] is None, (name, spec)
+    sharded = [k for k, v in kernels.items() if any(v)]
+    assert any("up" in k for k in sharded) and any("down" in k
+                                                   for k in sharded), kernels
+
+
+@pytest.mark.parametrize("size", ["", "_wide"])
+def test_scan_memory_within_unrolled(runs, size):
+  res, _ = runs
+  scan, unrolled = res["scan" + size], res["unrolled" + size]
+  ratio = scan["memory"] / unrolled["memory"]
+  assert ratio <= 1.1, (scan["memory"], unrolled["memory"])
 
 
 def test_no_involuntary_rematerialization(runs):
@@ -113,7 +138,8 @@ def test_no_involuntary_rematerialization(runs):
   assert "Involuntary full rematerialization" not in stderr
 
 
-@pytest.mark.parametrize("name", ["scan", "unrolled"])
+@pytest.mark.parametrize("name", ["scan", "unrolled", "scan_wide",
+                                  "unrolled_wide"])
 def test_matches_jit_after_three_steps(runs, name):
   res, _ = runs
   assert res[name]["rel_err"] < 1e-4, res[name]

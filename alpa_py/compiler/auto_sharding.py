@@ -24,13 +24,13 @@ import math
 from typing import Mapping, Sequence
 
 from alpa_py import _progress
-from alpa_py.compiler import ilp
+from alpa_py.compiler import ilp, ilp_symmetry
 from alpa_py.compiler.cluster_env import LogicalMesh
 from alpa_py.compiler.graph import Literal, OpGraph
 from alpa_py.compiler.follower_polish import polish_followers
 from alpa_py.compiler.ilp_nodes import Node as _Node
-from alpa_py.compiler.ilp_nodes import (add_region_inputs, add_region_results,
-                                       timeline)
+from alpa_py.compiler.ilp_nodes import (add_branches, add_region_inputs,
+                                        add_region_results, timeline)
 from alpa_py.compiler.errors import InfeasiblePlanError as InfeasiblePlanError
 from alpa_py.compiler.options import AutoShardingOption
 from alpa_py.compiler.strategy_constraints import StrategyConstraints
@@ -128,7 +128,7 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
   node_of: dict[int, int] = {}
   for i, t in enumerate(graph.invars):
     info = graph.tensor(t)
-    strats = tensor_strategies(info, mesh)
+    strats = constrain.tensor(t, tensor_strategies(info, mesh))
     if i in input_specs:
       allowed = set(input_specs[i])
       strats = [s for s in strats if s.out_specs[0] in allowed] or [
@@ -147,7 +147,10 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
   def add_ops(ops):
     for op in ops:
       region = graph.regions.get(op.index)
-      if region is None:
+      if op.index in graph.branches:
+        add_branches(graph, op, graph.branches[op.index], mesh, nodes,
+                     node_of, ties, add_ops)
+      elif region is None:
         add_op(op)
       else:
         add_region_inputs(graph, op, region, mesh, nodes, node_of, ties)
@@ -157,7 +160,8 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
   def add_op(op):
     strats = constrain(op, strategies_for(
         op, graph, mesh, prefer_reduce_scatter=option.prefer_reduce_scatter,
-        allow_mixed_mesh_shape=option.allow_mixed_mesh_shape))
+        allow_mixed_mesh_shape=option.allow_mixed_mesh_shape,
+        fused=option.fusion_aware_bytes))
     target = _follow_target(op, graph, node_of, nodes)
     if target is not None and len(strats) > 1:
       pos, t = target
@@ -296,6 +300,13 @@ def _memory_constraints(graph: OpGraph, nodes, node_of, mesh_shape):
                                               (_MEMORY_POINTS // 2)))))
   roots = {pos_of[node.root_op]: n for n, node in enumerate(nodes)
            if node.root_op is not None and len(node.cost) > 1}
+  # an op that may read a large operand in a new layout (a gathered copy)
+  # is a point of its own, wherever the sweep's peak lies
+  big = 0.1 * max(live, default=0.0)
+  points = sorted(set(points) | {
+      p + 1 for p, n in roots.items()
+      if any(graph.tensor(t).nbytes >= big and pos_of[op_idx] == p
+             for t, op_idx, _, _, _ in nodes[n].reqs)})
   constraints = []
   for p in points:
     point = p - 1  # live after op p-1 ran, before op p
@@ -385,7 +396,8 @@ def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh,
   free = sum(1 for n in nodes if len(n.cost) > 1)
   _progress.log(f"mesh {mesh.shape}: ILP over {len(nodes)} nodes ({free} with "
                 f"a choice), {len(edges)} edges, {len(memory)} memory points")
-  result = ilp.solve(problem)
+  result = ilp.solve(problem, ilp_symmetry.SymmetryOption()
+                     if option.tie_repeated_layers else None)
   if isinstance(result, ilp.Infeasible):
     raise InfeasiblePlanError(
         f"no sharding on mesh {mesh.shape} fits memory_budget_per_device="
@@ -402,6 +414,7 @@ def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh,
 
 def _solution(graph, nodes, node_of, result, mesh, edges, memory, rc):
   choice = result.choice
+  inputs = set(graph.invars)
   tensor_specs = {}
   for t, n in node_of.items():
     specs = nodes[n].specs.get(t)
@@ -412,18 +425,25 @@ def _solution(graph, nodes, node_of, result, mesh, edges, memory, rc):
   operand_specs = {}
   for n, node in enumerate(nodes):
     for t, op_idx, pos, req, _ in node.reqs:
+      if op_idx in graph.branches:
+        continue  # a cond's branch reshards its own input (``add_branches``)
       want = wants.get((op_idx, pos), req[choice[n]])
       if want is not None and want != tensor_specs.get(t):
         operand_specs[(op_idx, pos)] = want
-  constrained = []
+  # every tensor is held to its chosen layout, followers' included: left
+  # free, XLA's propagation re-shards a follower (a layer norm's chain) its
+  # own way and adds collectives the plan never priced. A broadcast's result
+  # is the exception: it keeps its new dims whole in the plan (it is free to
+  # slice), and held whole XLA would materialize it whole, where left free
+  # it is made only as the slice its readers take.
+  broadcasts = {t for op in graph.all_ops() if follows_min_shards(op.name)
+                for t in op.outputs}
+  constrained = [t for t in tensor_specs
+                 if t not in inputs and t not in broadcasts]
   op_strategies = []
   for n, node in enumerate(nodes):
     if node.root_op is not None:
       op_strategies.append((node.root_op, node.names[choice[n]]))
-      if len(node.cost) > 1:
-        constrained.extend(node.root_outputs)
-    if len(node.cost) > 1:
-      constrained.extend(node.pinned)
     op_strategies.extend((i, renamed.get(i, names[choice[n]]))
                          for i, names in node.followers)
   peak = _peak_bytes(graph, nodes, node_of, choice, mesh.shape, list(memory))

@@ -42,6 +42,9 @@ def _flow(graph: OpGraph, ops, dims: dict[int, int]) -> None:
     if region is not None:
       _flow_region(graph, op, region, dims)
       continue
+    if op.index in graph.branches:
+      _flow_branches(graph, op, graph.branches[op.index], dims)
+      continue
     carried = [(pos, t) for pos, t in enumerate(op.inputs)
                if not isinstance(t, Literal) and t in dims]
     if not carried:
@@ -78,6 +81,19 @@ def _flow_region(graph: OpGraph, op, region, dims: dict[int, int]) -> None:
   for j, (out, ref) in enumerate(zip(op.outputs, region.outvars)):
     if isinstance(ref, int) and ref in dims:
       dims[out] = dims[ref] + (j >= nk)
+
+
+def _flow_branches(graph: OpGraph, op, branches, dims: dict[int, int]) -> None:
+  """A cond's result keeps a batch dim where every branch gives it one."""
+  for branch in branches:
+    for ref, t in zip(op.inputs[1:], branch.invars):
+      if not isinstance(ref, Literal) and ref in dims:
+        dims[t] = dims[ref]
+    _flow(graph, branch.ops, dims)
+  for j, out in enumerate(op.outputs):
+    got = {dims.get(b.outvars[j]) for b in branches}
+    if len(got) == 1 and None not in got:
+      dims[out] = got.pop()
 
 
 def batch_seeds(graph: OpGraph, batch_inputs) -> dict[int, int]:

@@ -85,6 +85,18 @@ def plan_events(graph: OpGraph, solution,
     events.extend(CollectiveEvent(k, op_idx, pos)
                   for k in resharding_kinds(have[0], want, mesh_shape))
     have.append(want)
+  # a cond's branch reshards each input it wants in another layout, inside
+  # the branch (each branch a computation of its own)
+  for op_idx, branches in graph.branches.items():
+    op = by_index[op_idx]
+    for branch in branches:
+      for pos, (ref, t) in enumerate(zip(op.inputs[1:], branch.invars), 1):
+        if isinstance(ref, Literal) or not graph.tensor(t).shape:
+          continue
+        rank = len(graph.tensor(t).shape)
+        events.extend(CollectiveEvent(k, op_idx, pos) for k in resharding_kinds(
+            spec_of.get(ref, replicated(rank)), spec_of.get(t, replicated(rank)),
+            mesh_shape))
   return events
 
 
@@ -106,10 +118,10 @@ def count_collectives(graph: OpGraph, events, platform: str) -> dict[str, int]:
     by_op.setdefault(e.op, []).append(e)
     if e.kind not in combined:
       counts[e.kind] += 1
-  # a scan body is a computation of its own: XLA combines within it
-  bodies = [graph.ops] + [r.ops for r in graph.regions.values()]
+  # a scan body or a cond branch is a computation of its own: XLA combines
+  # within it
   for family in families:
-    for ops in bodies:
+    for ops in graph.bodies():
       for kind, n in _family_levels(ops, by_op, family).items():
         counts[kind] += n
   return counts

@@ -1,9 +1,11 @@
 """Control flow the intra-op pass cannot look into, and the warning it gets.
 
-A ``scan`` is planned through its body (``graph.Region``). A ``while``
-whose trip count is unknown until it runs, and a ``cond``, stay single ops
-whose operands and results are replicated (``strategies.rules.REPLICATED``):
-correct, but every device does all of their work. ``warn_replicated``
+A ``scan`` is planned through its body (``graph.Region``) and a ``cond``
+through its branches (``graph.Branch``). A ``while`` whose trip count is
+unknown until it runs (and a ``cond`` whose branches could not be read)
+stays a single op whose operands and results are replicated
+(``strategies.rules.REPLICATED``): correct, but every device does all of
+its work. ``warn_replicated``
 names each such op once per compile, with its share of the step's FLOPs (a
 ``while`` body counted once: its trip count is unknown), so that a user
 can see what is left unsharded and rewrite it (a ``jax.lax.scan`` or a
@@ -28,7 +30,8 @@ def replicated_control_flow(graph: OpGraph) -> list[tuple[int, str, float]]:
   ``cond`` that the plan keeps replicated, in program order."""
   total = sum(op.flops * op.trips for op in graph.ops) or 1.0
   return [(op.index, op.name, op.flops * op.trips / total)
-          for op in graph.all_ops() if op.name in _OPAQUE]
+          for op in graph.all_ops()
+          if op.name in _OPAQUE and op.index not in graph.branches]
 
 
 def warn_replicated(graph: OpGraph) -> None:

@@ -20,8 +20,16 @@ after one iteration (``carry_out``) and one slice of each stacked result
 (``ys_out``). Only the scan op reads or writes outer tensors, so every pass
 that walks ``graph.ops`` (layers, accumulation, pipelines) sees the scan as
 before; the intra-op pass (``auto_sharding``) and the lowering
-(``evaluate``) look inside. ``while`` (trip count unknown) and ``cond`` stay
-single ops.
+(``evaluate``) look inside.
+
+``cond`` (and ``switch``) is planned through its branches the same way:
+the cond stays one op, and each branch becomes a ``Branch``
+(``graph.branches[cond op index]``) over tensors of its own, one per
+operand after the branch index (``invars``). Each branch returns its
+results through a ``copy`` op (``outvars``): the intra-op pass ties the
+copies of all branches to one layout, the cond's result's, so that a
+branch whose own ops prefer another layout is resharded at its output.
+A ``while`` (trip count unknown) stays a single op.
 
 The graph records, per op, FLOPs and bytes (for the cost model) and, per tensor,
 where it is defined and last used (for the memory constraint).
@@ -39,6 +47,8 @@ import numpy as np
 from jax.extend import core as jcore
 
 from alpa_py.compiler.flops import op_flops
+from alpa_py.compiler.graph_regions import Branch as Branch
+from alpa_py.compiler.graph_regions import Region as Region
 from alpa_py.compiler.markers import (GRAD_MARKER, PIPELINE_BOUNDARY,
                                       PIPELINE_MARKER, is_boundary_eqn)
 
@@ -99,7 +109,8 @@ class Op:
   outputs: tuple[int, ...]
   flops: float = 0.0
   bytes_accessed: float = 0.0
-  # index of the scan whose body holds this op (None: a top-level op), and
+  # index of the scan (or cond) whose body holds this op (None: a top-level
+  # op), and
   # how many times the op runs per step
   region: int | None = None
   trips: int = 1
@@ -107,44 +118,6 @@ class Op:
   @property
   def name(self) -> str:
     return self.primitive.name
-
-
-@dataclasses.dataclass(frozen=True)
-class Region:
-  """The body of one ``scan``, as planned (see the module docstring).
-
-  Attributes:
-    op: index of the scan op.
-    length: the scan's trip count.
-    ops: the body's ops, in program order.
-    consts_in: body tensor of each loop-invariant operand.
-    carry_in: body tensor of each carried value, as an iteration reads it.
-    xs_in: body tensor of each stacked operand: one iteration's slice.
-    carry_out: body ref (tensor id or ``Literal``) of each carried value, as
-      an iteration returns it (also the scan's final carry).
-    ys_out: body ref of each stacked result: one iteration's slice.
-    consts: (tensor id, value) of the body's own constants.
-  """
-
-  op: int
-  length: int
-  ops: tuple
-  consts_in: tuple[int, ...]
-  carry_in: tuple[int, ...]
-  xs_in: tuple[int, ...]
-  carry_out: tuple
-  ys_out: tuple
-  consts: tuple = ()
-
-  @property
-  def invars(self) -> tuple[int, ...]:
-    """Body tensors in the order of the scan op's operands."""
-    return self.consts_in + self.carry_in + self.xs_in
-
-  @property
-  def outvars(self) -> tuple:
-    """Body refs in the order of the scan op's outputs."""
-    return self.carry_out + self.ys_out
 
 
 @dataclasses.dataclass
@@ -164,18 +137,36 @@ class OpGraph:
   pipeline_marks: tuple = ()
   # scan op index -> its body (nested scans too; see ``Region``)
   regions: dict = dataclasses.field(default_factory=dict)
+  # cond op index -> its branches (see ``Branch``)
+  branches: dict = dataclasses.field(default_factory=dict)
 
   @functools.cached_property
   def outvar_set(self) -> frozenset:
     return frozenset(t for t in self.outvars if isinstance(t, int))
 
+  @functools.cached_property
+  def fused_bytes(self) -> dict[int, float]:
+    """Op index -> the bytes it moves once XLA has fused it with its
+    neighbours (``fusion.fused_bytes``)."""
+    from alpa_py.compiler import fusion  # fusion reads OpGraph
+    return fusion.fused_bytes(self)
+
   def all_ops(self, ops: Sequence[Op] | None = None):
-    """Every op in program order, each scan followed by its body's ops."""
+    """Every op in program order, each scan followed by its body's ops and
+    each cond by its branches' ops."""
     for op in self.ops if ops is None else ops:
       yield op
       region = self.regions.get(op.index)
       if region is not None:
         yield from self.all_ops(region.ops)
+      for branch in self.branches.get(op.index, ()):
+        yield from self.all_ops(branch.ops)
+
+  def bodies(self) -> list:
+    """The op lists XLA compiles as computations of their own: the step,
+    each scan body and each cond branch."""
+    return [self.ops] + [r.ops for r in self.regions.values()] + [
+        b.ops for bs in self.branches.values() for b in bs]
 
   def tensor(self, t: int) -> TensorInfo:
     return self.tensors[t]
@@ -206,6 +197,8 @@ class _Barrier:
 
 
 _BARRIER = _Barrier()
+# a branch result's copy (see the module docstring), read as an equation
+_COPY = _Barrier(primitive=jax.lax.copy_p)
 
 
 def _prevents_cse(eqn) -> bool:
@@ -233,7 +226,7 @@ class _Scope:
 
   ops: list
   consts: dict
-  scan: Op | None = None  # the enclosing scan (None: top level)
+  scan: Op | None = None  # the enclosing scan or cond (None: top level)
   trips: int = 1
 
 
@@ -248,6 +241,7 @@ class _Builder:
     self.top = _Scope(self.ops, self.consts)
     self.body_ops: list[Op] = []  # every body op, numbered at the end
     self.regions: list[tuple[Op, dict]] = []
+    self.conds: list[tuple[Op, list]] = []
 
   def new_tensor(self, aval) -> int:
     self.tensors.append(_aval_info(aval))
@@ -268,6 +262,26 @@ class _Builder:
         carry_in=tuple(body_in[nc:nc + nk]), xs_in=tuple(body_in[nc + nk:]),
         carry_out=tuple(outs[:nk]), ys_out=tuple(outs[nk:]),
         consts=tuple(inner.consts.items()))))
+    return out_ids
+
+  def add_cond(self, eqn, ins, scope: _Scope) -> tuple[int, ...]:
+    """The cond op (in ``scope``) and its branches."""
+    out_ids = tuple(self.new_tensor(v.aval) for v in eqn.outvars)
+    op = self.make_op(eqn, ins, out_ids, scope)
+    branches = []
+    for closed in eqn.params["branches"]:
+      body_in = [self.new_tensor(v.aval) for v in closed.jaxpr.invars]
+      inner = _Scope([], {}, op, scope.trips)
+      outs = self.add_jaxpr(closed.jaxpr, closed.consts, body_in, inner)
+      copies = []
+      for ref, var in zip(outs, closed.jaxpr.outvars):
+        t = self.new_tensor(var.aval)
+        self.make_op(_COPY, [ref], (t,), inner)
+        copies.append(t)
+      branches.append((op, dict(ops=tuple(inner.ops), invars=tuple(body_in),
+                                outvars=tuple(copies),
+                                consts=tuple(inner.consts.items()))))
+    self.conds.append((op, branches))
     return out_ids
 
   def make_op(self, eqn, ins, out_ids, scope: _Scope) -> Op:
@@ -308,6 +322,11 @@ class _Builder:
       op.region = op.region.index
     return {op.index: Region(op=op.index, **fields)
             for op, fields in self.regions}
+
+  def cond_branches(self) -> dict[int, tuple[Branch, ...]]:
+    """The conds' branches, by cond op index (after ``number_body_ops``)."""
+    return {op.index: tuple(Branch(**fields) for _, fields in branches)
+            for op, branches in self.conds}
 
   def add_jaxpr(self, jaxpr, consts, in_refs, scope: _Scope | None = None
                 ) -> list:
@@ -370,6 +389,9 @@ class _Builder:
       if eqn.primitive.name == "scan" and isinstance(
           eqn.params.get("jaxpr"), jcore.ClosedJaxpr):
         out_ids = self.add_scan(eqn, ins, scope)
+      elif eqn.primitive.name == "cond" and all(
+          isinstance(b, jcore.ClosedJaxpr) for b in eqn.params["branches"]):
+        out_ids = self.add_cond(eqn, ins, scope)
       else:
         out_ids = tuple(self.new_tensor(v.aval) for v in eqn.outvars)
         self.make_op(eqn, ins, out_ids, scope)
@@ -393,7 +415,7 @@ def build_graph(closed_jaxpr) -> OpGraph:
   return _finish(b.tensors, b.ops, invars, outvars, b.consts,
                  grad_marked=tuple(b.grad_marked),
                  pipeline_marks=tuple(b.pipeline_marks),
-                 regions=b.number_body_ops())
+                 regions=b.number_body_ops(), branches=b.cond_branches())
 
 
 def _finish(tensors, ops, invars, outvars, consts, **extra) -> OpGraph:
@@ -436,4 +458,4 @@ def subgraph(graph: OpGraph, ops: Sequence[Op], outputs: Sequence[int]) -> OpGra
     if t not in produced and t not in graph.consts:
       invars[t] = None  # passed straight through
   return _finish(graph.tensors, ops, tuple(invars), outvars, consts,
-                 regions=graph.regions)
+                 regions=graph.regions, branches=graph.branches)

@@ -1,6 +1,7 @@
 """Running an ``OpGraph``: every op re-bound as a JAX primitive (inside
 ``jax.jit``), a scan with a planned body rebuilt as ``jax.lax.scan`` over its
-region's ops; the lowering's sharding constraints are applied through hooks.
+region's ops, a cond with planned branches as ``jax.lax.switch`` over theirs;
+the lowering's sharding constraints are applied through hooks.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Any, Sequence
 
 import jax
 
-from alpa_py.compiler.graph import Literal, Op, OpGraph, Region
+from alpa_py.compiler.graph import Branch, Literal, Op, OpGraph, Region
 
 
 def op_scope(index: int) -> str:
@@ -68,8 +69,11 @@ def _run_ops(graph: OpGraph, ops, env, on_output, on_operand) -> None:
           val = on_operand(op, pos, ref, val)
         ins.append(val)
       region = graph.regions.get(op.index)
+      branches = graph.branches.get(op.index)
       if region is not None:
         outs = _run_scan(graph, op, region, ins, on_output, on_operand)
+      elif branches is not None:
+        outs = _run_cond(graph, branches, ins, on_output, on_operand)
       else:
         outs = op.primitive.bind(*ins, **op.params)
         if not op.primitive.multiple_results:
@@ -101,3 +105,22 @@ def _run_scan(graph: OpGraph, op: Op, region: Region, ins, on_output,
       unroll=op.params.get("unroll", 1),
       _split_transpose=op.params.get("_split_transpose", False))
   return list(carry) + list(ys)
+
+
+def _run_cond(graph: OpGraph, branches: Sequence[Branch], ins, on_output,
+              on_operand) -> list:
+  """``jax.lax.switch`` over the branches' ops (operand 0 is the index)."""
+
+  def hook(t, val):
+    return on_output(t, val) if on_output is not None else val
+
+  def make(branch: Branch):
+    def run(*operands):
+      env = dict(branch.consts)
+      for t, val in zip(branch.invars, operands):
+        env[t] = hook(t, val)
+      _run_ops(graph, branch.ops, env, on_output, on_operand)
+      return [_read(env, r) for r in branch.outvars]
+    return run
+
+  return list(jax.lax.switch(ins[0], [make(b) for b in branches], *ins[1:]))

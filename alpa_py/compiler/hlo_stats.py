@@ -30,7 +30,9 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*"
                     r"(\(.*?\)|[a-z]+[0-9]*\[[0-9,]*\](?:\{[^}]*\})?|[a-z]+[0-9]*\[\])"
                     r"\s+([a-z\-]+)\((.*)$")
 _COMP = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
-_OP_SCOPE = re.compile(r"op_name=\"[^\"]*?/op(\d+)/")
+# the innermost op scope: a scan body's or cond branch's op, not the scan
+# or cond around it
+_OP_SCOPE = re.compile(r"op_name=\"[^\"]*/op(\d+)/")
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s16": 2, "u16": 2,
           "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8,

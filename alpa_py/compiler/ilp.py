@@ -4,7 +4,9 @@
 exactly (``ilp_reduce``), solves the LP relaxation of the core with HiGHS
 through OR-Tools' ``pywraplp`` (an integral LP optimum is an ILP optimum), and
 only where the LP leaves a gap runs the MIP solver (HiGHS, else CBC) under the
-time limit. It reports status, objective, size and wall time.
+time limit. It reports status, objective, size and wall time. Given a
+``SymmetryOption``, it ties the core's alike nodes (repeated layers) and
+solves the smaller quotient instead (``ilp_symmetry``).
 
 A backend that is missing from the OR-Tools build, raises, or returns an error
 status (ABNORMAL, MODEL_INVALID, NOT_SOLVED before its time limit) hands the
@@ -34,7 +36,7 @@ import warnings
 import numpy as np
 from ortools.linear_solver import pywraplp
 
-from alpa_py.compiler import ilp_reduce
+from alpa_py.compiler import ilp_reduce, ilp_symmetry
 # Re-exported: callers build and read problems through ``ilp`` alone.
 from alpa_py.compiler.ilp_problem import (Edge, Infeasible, MemoryConstraint,
                                           Problem, Solution, min_memory_needed)
@@ -61,11 +63,19 @@ class SolverFallbackWarning(UserWarning):
   """An OR-Tools backend could not solve the ILP and another one did."""
 
 
-def solve(problem: Problem) -> Solution | Infeasible:
+def solve(problem: Problem, symmetry: ilp_symmetry.SymmetryOption | None = None
+          ) -> Solution | Infeasible:
   """Solves the ILP: exact reduction (``ilp_reduce``), then OR-Tools on the
   core (the LP relaxation with HiGHS, the MIP only where it leaves a gap).
 
   Deterministic for a given problem. The sizes reported are the core's.
+
+  Args:
+    problem: the ILP.
+    symmetry: where given, alike nodes of the core (repeated layers) are
+      tied and the smaller quotient is solved (``ilp_symmetry``); the full
+      core is solved where there is no repetition or the quotient has no
+      plan. None: the full core.
 
   Raises:
     RuntimeError: no OR-Tools backend could solve it (each one's failure is
@@ -74,7 +84,13 @@ def solve(problem: Problem) -> Solution | Infeasible:
   """
   t0 = time.perf_counter()
   reduction = ilp_reduce.reduce_problem(problem)
-  core = _solve_fixed(reduction.core) or _solve_core(reduction.core)
+  core = _solve_fixed(reduction.core)
+  if core is None and symmetry is not None:
+    ties = ilp_symmetry.find_ties(reduction.core, symmetry)
+    if ties is not None:
+      core = ilp_symmetry.solve_tied(reduction.core, ties, solve)
+  if core is None:
+    core = _solve_core(reduction.core)
   elapsed = time.perf_counter() - t0
   if isinstance(core, Infeasible):
     need, label = min_memory_needed(problem)
@@ -82,7 +98,8 @@ def solve(problem: Problem) -> Solution | Infeasible:
                                solve_seconds=elapsed)
   choice = ilp_reduce.expand(reduction, core.choice)
   return Solution(choice, problem.objective(choice), core.status,
-                  core.num_variables, core.num_constraints, elapsed)
+                  core.num_variables, core.num_constraints, elapsed,
+                  core.tied_nodes)
 
 
 def _solve_fixed(problem: Problem) -> Solution | Infeasible | None:

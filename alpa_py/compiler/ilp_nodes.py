@@ -1,4 +1,5 @@
-"""ILP nodes, and how a scan's region joins the ILP (``auto_sharding``).
+"""ILP nodes, and how a scan's region or a cond's branches join the ILP
+(``auto_sharding``; for a cond see ``add_branches``).
 
 A ``Node`` is one ILP variable: its strategies' costs, the spec each gives
 the tensors it owns, and what it asks of the tensors it reads. A scan's
@@ -99,6 +100,49 @@ def add_region_results(graph: OpGraph, op, region, nodes, node_of) -> None:
       node_of[out] = len(nodes) - 1
 
 
+def add_branches(graph: OpGraph, op, branches, mesh: LogicalMesh, nodes,
+                 node_of, ties, add_ops) -> None:
+  """A cond's branches (``graph.Branch``) join the ILP.
+
+  Each branch input is a node with every layout of its tensor, asking the
+  cond's operand for it (a resharding before the branch runs). Each
+  branch's ops are added by ``add_ops``, except the ``copy`` that returns
+  each result: it is a node of its own with every layout, reading the
+  branch's value (a resharding at the branch output where they differ),
+  and the copies of one result are tied across branches, so that every
+  branch returns it in one layout, the cond result's.
+  """
+  for branch in branches:
+    for t, _ in branch.consts:
+      nodes.append(Node([0.0], {t: [replicated(len(graph.tensor(t).shape))]},
+                         [], ["constant"]))
+      node_of[t] = len(nodes) - 1
+    for pos, (ref, t) in enumerate(zip(op.inputs[1:], branch.invars), 1):
+      node = tensor_node(graph, t, mesh)
+      if isinstance(ref, int):
+        node.reqs.append((ref, op.index, pos, list(node.specs[t]), True))
+      nodes.append(node)
+      node_of[t] = len(nodes) - 1
+    copies = branch.ops[len(branch.ops) - len(branch.outvars):]
+    add_ops(branch.ops[:len(branch.ops) - len(branch.outvars)])
+    for copy in copies:
+      t, ref = copy.outputs[0], copy.inputs[0]
+      node = tensor_node(graph, t, mesh)
+      node.root_op = copy.index
+      node.root_outputs = (t,)
+      if isinstance(ref, int):
+        node.reqs.append((ref, copy.index, 0, list(node.specs[t]), True))
+      nodes.append(node)
+      node_of[t] = len(nodes) - 1
+  first = branches[0]
+  for j, out in enumerate(op.outputs):
+    for other in branches[1:]:
+      ties.append((other.outvars[j], first.outvars[j], FORBIDDEN_PENALTY, 1))
+    node = nodes[node_of[first.outvars[j]]]
+    node.specs[out] = list(node.specs[first.outvars[j]])
+    node_of[out] = node_of[first.outvars[j]]
+
+
 def timeline(graph: OpGraph):
   """Ops in the order they run, each body once (inside its scan's lifetime),
   and each tensor's (define, last use) positions in that order."""
@@ -127,6 +171,17 @@ def timeline(graph: OpGraph):
         for t in list(op.inputs) + list(op.outputs) + body_in + list(
             region.outvars):
           use(t, end)
+      elif op.index in graph.branches:
+        # every branch is swept (an upper bound: one of them runs)
+        for branch in graph.branches[op.index]:
+          body_in = list(branch.invars) + [t for t, _ in branch.consts]
+          for t in body_in:
+            define[t] = len(order)
+          walk(branch.ops)
+          for t in body_in + list(branch.outvars):
+            use(t, len(order) - 1)
+        for t in list(op.inputs) + list(op.outputs):
+          use(t, len(order) - 1)
       else:
         for t in op.inputs:
           use(t, pos)

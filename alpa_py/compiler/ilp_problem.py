@@ -71,6 +71,9 @@ class Solution:
   num_variables: int
   num_constraints: int
   solve_seconds: float
+  # nodes tied to alike nodes of repeated layers (``ilp_symmetry``): where
+  # > 0, OPTIMAL means optimal among plans that give them one strategy
+  tied_nodes: int = 0
 
   @property
   def optimal(self) -> bool:

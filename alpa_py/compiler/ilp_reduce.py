@@ -72,7 +72,9 @@ class Reduction:
   num_nodes: int
 
 
-def _class_edge(u: int, v: int, m: np.ndarray) -> Edge | None:
+def class_edge(u: int, v: int, m: np.ndarray) -> Edge | None:
+  """The edge of cost matrix ``m`` (strategy of u x strategy of v), alike
+  rows and columns merged into classes; None where it costs nothing."""
   if not np.any(m):
     return None
   rows, u_class = np.unique(m, axis=0, return_inverse=True)
@@ -162,7 +164,7 @@ def reduce_problem(problem: Problem) -> Reduction:
   index = {v: i for i, v in enumerate(core_nodes)}
   core_edges = []
   for (u, v), m in edges.items():
-    e = _class_edge(index[u], index[v], m)
+    e = class_edge(index[u], index[v], m)
     if e is not None:
       core_edges.append(e)
   memory = []

@@ -38,6 +38,17 @@ class AutoShardingOption:
       (and their optimizer state) smaller than this many bytes replicated
       instead of sharding them and gathering them at each use (0: shard
       every one that divides).
+    tie_repeated_layers: find alike nodes of repeated layers in the ILP
+      (colour refinement, ``ilp_symmetry``) and give each such group one
+      strategy, so that the solve grows linearly in the number of layers;
+      the full ILP is solved where there is no repetition (or the tied one
+      has no plan). False: always the full ILP.
+    fusion_aware_bytes: price non-matmul ops by the bytes they move once
+      XLA has fused them with their neighbours (``compiler.fusion``), not
+      by every byte each reads and writes. Off by default: it lowers the
+      price of elementwise work so much that the ILP then keeps residual
+      adds replicated on 2-D meshes (gathers the plan prices as one
+      all-gather and XLA runs as two); on until that is priced right.
   """
 
   memory_budget_per_device: float | None = None
@@ -51,6 +62,8 @@ class AutoShardingOption:
   force_batch_dim_to_mesh_dim: int | None = None
   allow_recompute_heavy_op: bool = False
   force_zero_stage_3_all_gather_threshold: int = 0
+  tie_repeated_layers: bool = True
+  fusion_aware_bytes: bool = False
 
   def __post_init__(self):
     b = self.memory_budget_per_device
@@ -59,7 +72,8 @@ class AutoShardingOption:
                        "number of bytes or None")
     for name in ("force_data_parallel", "allow_all_gather", "allow_all_to_all",
                  "prefer_reduce_scatter", "allow_mixed_mesh_shape",
-                 "allow_recompute_heavy_op"):
+                 "allow_recompute_heavy_op", "tie_repeated_layers",
+                 "fusion_aware_bytes"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"AutoShardingOption.{name} (={getattr(self, name)!r}) "
                         "must be a bool")

@@ -8,8 +8,19 @@ or backward program; ACC adds a marked value (gradient, loss) into its
 accumulator; FREE drops a micro-batch tensor after its last reader; REDUCE
 runs a stage's reduce program on its accumulators once its last backward has
 run (data-parallel stages that keep per-device partial gradients, see
-``compiler/deferred_reduction.py``). After the list, the update runs once on
-the accumulated values.
+``compiler/deferred_reduction.py``); AVG marks an accumulated value complete:
+it becomes its mean over micro-batches (inexact dtypes) and is offered to its
+readers.
+
+The update follows, in the same instructions (RECV with no micro-batch,
+then UPDATE runs the program). With a stage-local update
+(``compiler/stage_update.py``) each stage runs its own update program ("U")
+on its own submesh, so parameters and optimizer state stay there between
+steps; where the update combines values of several stages (a global
+gradient norm), each stage first runs a partial program ("P") whose small
+results the combine program ("C", on one stage's submesh) reduces, and
+every "U" reads the combined values. Otherwise one whole-mesh update
+program ("G", stage -1) runs on every accumulated value.
 
 ``PipelineProgram`` is a frozen value: the local runtime and the Ray runtime
 run it with the same interpreter (``runtime/pipeline_interpreter.py``).
@@ -33,6 +44,30 @@ class Instr(enum.Enum):
   ACC = "acc"  # add a marked output into its accumulator
   FREE = "free"  # drop a micro-batch tensor after its last use
   REDUCE = "red"  # reduce a stage's stacked per-device accumulators
+  AVG = "avg"  # an accumulator is complete: take its mean, offer it
+  UPDATE = "upd"  # run an update program (P, C, U, G) once per step
+
+
+# Task kinds of the update, run once per step (``micro_batch`` None).
+PARTIAL = "P"  # a stage's partials of a cross-stage reduction
+COMBINE = "C"  # the cross-stage reduction, on ``combine_stage``'s submesh
+UPDATE = "U"  # a stage's own update, on its submesh
+GLOBAL = "G"  # the whole-mesh update (stage -1)
+UPDATE_KINDS = (PARTIAL, COMBINE, UPDATE, GLOBAL)
+
+# At most this many bytes: a value the update may move between stages every
+# step (a partial norm, a loss scale, a step count).
+SMALL_BYTES = 64
+
+
+class TensorKind(str, enum.Enum):
+  """What a tensor crossing a stage boundary is (``RunStats``)."""
+
+  ACTIVATION = "activation"
+  ACTIVATION_GRADIENT = "activation-gradient"
+  PARAMETER = "parameter"
+  GRADIENT = "gradient"
+  SCALAR = "scalar"
 
 
 class TaskKind(str, enum.Enum):
@@ -59,14 +94,17 @@ class Instruction:
   def __str__(self) -> str:
     mb = "*" if self.micro_batch is None else self.micro_batch
     t = "" if self.tensor is None else f" %{self.tensor}"
-    return f"{self.kind.value:<4} {self.task}{self.stage}.{mb}{t}"
+    stage = "" if self.stage < 0 else self.stage
+    return f"{self.kind.value:<4} {self.task}{stage}.{mb}{t}"
 
 
 @dataclasses.dataclass(frozen=True)
 class StageProgram:
   """One stage: its two programs, its devices and, where its backward keeps
   per-device partial gradients, the program that reduces them once per step
-  (``reduce``, task kind "R")."""
+  (``reduce``, task kind "R"); with a stage-local update, its update
+  program ("U") and the partials it contributes to a cross-stage reduction
+  ("P")."""
 
   index: int
   forward: Task
@@ -74,11 +112,23 @@ class StageProgram:
   device_ids: tuple[int, ...]
   logical_shape: tuple[int, ...]
   reduce: Task | None = None
+  update: Task | None = None
+  partial: Task | None = None
 
   def task(self, kind: str) -> Task:
     if kind == "R":
       return self.reduce
+    if kind == UPDATE:
+      return self.update
+    if kind == PARTIAL:
+      return self.partial
     return self.forward if kind == TaskKind.FORWARD else self.backward
+
+  def tasks(self) -> dict[str, Task]:
+    """Kind -> each program the stage has."""
+    out = {"F": self.forward, "B": self.backward, "R": self.reduce,
+           UPDATE: self.update, PARTIAL: self.partial}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,31 +137,88 @@ class PipelineProgram:
 
   Attributes:
     stages: the stages, in pipeline order.
-    update: the optimizer update, run once per step on the whole mesh.
-    instructions: the micro-batch program (RECV / RUN / ACC / FREE).
+    update: the whole-mesh optimizer update ("G"), or None where every
+      stage updates its own parameters ("U").
+    instructions: the program (RECV / RUN / ACC / FREE / REDUCE / AVG /
+      UPDATE).
     invar_ids: tensor id of each flat step input.
     batch_ids: the step inputs split into micro-batches.
     accumulated: marked tensors accumulated over micro-batches (the update
       reads their mean where they are inexact).
     num_micro_batches: micro-batches per step.
+    out_ids: the step's flat outputs (default: the update's outputs).
+    combine: the cross-stage reduction of a stage-local update, if any.
+    combine_stage: the stage on whose submesh ``combine`` runs.
   """
 
   stages: tuple[StageProgram, ...]
-  update: Task
+  update: Task | None
   instructions: tuple[Instruction, ...]
   invar_ids: tuple[int, ...]
   batch_ids: tuple[int, ...]
   accumulated: tuple[int, ...]
   num_micro_batches: int
+  out_ids: tuple[int, ...] = ()
+  combine: Task | None = None
+  combine_stage: int = -1
 
   def task(self, stage: int, kind: str) -> Task:
+    if kind == GLOBAL:
+      return self.update
+    if kind == COMBINE:
+      return self.combine
     return self.stages[stage].task(kind)
+
+  @property
+  def outputs(self) -> tuple[int, ...]:
+    """Tensor id of each flat step output."""
+    return self.out_ids or self.update.out_ids
+
+  def all_tasks(self) -> list[tuple[int, str, Task]]:
+    """(stage, kind, task) of every program (the whole-mesh update on stage
+    -1, the combine on ``combine_stage``)."""
+    out = [(st.index, k, t) for st in self.stages
+           for k, t in st.tasks().items()]
+    if self.combine is not None:
+      out.append((self.combine_stage, COMBINE, self.combine))
+    if self.update is not None:
+      out.append((-1, GLOBAL, self.update))
+    return out
 
   @functools.cached_property
   def producer(self) -> dict[int, int]:
-    """Tensor id -> the stage whose program outputs it."""
-    return {t: st.index for st in self.stages
-            for task in (st.forward, st.backward) for t in task.out_ids}
+    """Tensor id -> the stage whose program outputs it (per micro-batch
+    tensors: the forward or backward; per-step ones: the stage-local update
+    programs and the combine; the whole-mesh update: -1)."""
+    out = {}
+    for s, kind, task in self.all_tasks():
+      if kind != "R":
+        for t in task.out_ids:
+          out.setdefault(t, s)
+    return out
+
+  @functools.cached_property
+  def producer_kind(self) -> dict[int, str]:
+    """Tensor id -> the kind of the program that outputs it."""
+    out = {}
+    for _, kind, task in self.all_tasks():
+      if kind != "R":
+        for t in task.out_ids:
+          out.setdefault(t, kind)
+    return out
+
+  def tensor_kind(self, t: int, micro_batch: int | None,
+                  nbytes: int) -> TensorKind:
+    """What ``t`` is, where it crosses a stage boundary."""
+    if micro_batch is not None:
+      if self.producer_kind.get(t) == TaskKind.BACKWARD.value:
+        return TensorKind.ACTIVATION_GRADIENT
+      return TensorKind.ACTIVATION
+    if nbytes <= SMALL_BYTES:
+      return TensorKind.SCALAR
+    if t in self.accumulated:
+      return TensorKind.GRADIENT
+    return TensorKind.PARAMETER
 
   @functools.cached_property
   def per_step_ids(self) -> frozenset[int]:
@@ -122,9 +229,12 @@ class PipelineProgram:
     """The program with every task in its exported, portable form."""
     stages = tuple(dataclasses.replace(
         s, forward=s.forward.portable(), backward=s.backward.portable(),
-        reduce=s.reduce and s.reduce.portable()) for s in self.stages)
+        reduce=s.reduce and s.reduce.portable(),
+        update=s.update and s.update.portable(),
+        partial=s.partial and s.partial.portable()) for s in self.stages)
     return dataclasses.replace(self, stages=stages,
-                               update=self.update.portable())
+                               update=self.update and self.update.portable(),
+                               combine=self.combine and self.combine.portable())
 
 
 def _last_uses(tasks, stages: Sequence[StageProgram], per_step, n):
@@ -188,14 +298,61 @@ def build_instructions(tasks, stages: Sequence[StageProgram], per_step,
   return tuple(out)
 
 
-def emit_program(stages: Sequence[StageProgram], update: Task, clocks,
-                 invar_ids, batch_ids, accumulated,
-                 num_micro_batches: int) -> PipelineProgram:
-  """The ``PipelineProgram`` of compiled stages run in ``clocks`` order."""
+def _averages(instructions, stages: Sequence[StageProgram], accumulated):
+  """``instructions`` with an AVG of each accumulated tensor right after the
+  last instruction that writes it (its last ACC, or its stage's REDUCE)."""
+  last: dict = {}
+  for pos, ins in enumerate(instructions):
+    if ins.kind is Instr.ACC:
+      last[ins.tensor] = (pos, ins.stage)
+    elif ins.kind is Instr.REDUCE:
+      for t in stages[ins.stage].reduce.out_ids:
+        last[t] = (pos, ins.stage)
+  after: dict = {}
+  for t in accumulated:
+    if t in last:
+      pos, s = last[t]
+      after.setdefault(pos, []).append(Instruction(Instr.AVG, s, "A", None, t))
+  out = []
+  for pos, ins in enumerate(instructions):
+    out.append(ins)
+    out.extend(after.get(pos, ()))
+  return out
+
+
+def _update_instructions(stages: Sequence[StageProgram], update: Task | None,
+                         combine: Task | None, combine_stage: int):
+  """RECV / RUN of the per-step update programs: partials, combine, each
+  stage's update, the whole-mesh update."""
+  order = [(st.index, PARTIAL, st.partial) for st in stages if st.partial]
+  if combine is not None:
+    order.append((combine_stage, COMBINE, combine))
+  order += [(st.index, UPDATE, st.update) for st in stages if st.update]
+  if update is not None:
+    order.append((-1, GLOBAL, update))
+  out = []
+  for s, kind, task in order:
+    out.extend(Instruction(Instr.RECV, s, kind, None, t)
+               for t in dict.fromkeys(task.in_ids))
+    out.append(Instruction(Instr.UPDATE, s, kind, None))
+  return out
+
+
+def emit_program(stages: Sequence[StageProgram], update: Task | None, clocks,
+                 invar_ids, batch_ids, accumulated, num_micro_batches: int,
+                 *, out_ids=(), combine: Task | None = None,
+                 combine_stage: int = -1) -> PipelineProgram:
+  """The ``PipelineProgram`` of compiled stages run in ``clocks`` order,
+  then the update: ``update`` on the whole mesh, or each stage's own
+  (``StageProgram.update``, with ``combine`` for cross-stage reductions)."""
   tasks = [task for clock in clocks for task in clock]
   per_step = frozenset(invar_ids) - frozenset(batch_ids)
   instructions = build_instructions(tasks, stages, per_step, set(accumulated),
                                     num_micro_batches)
-  return PipelineProgram(tuple(stages), update, instructions, tuple(invar_ids),
-                         tuple(batch_ids), tuple(sorted(accumulated)),
-                         num_micro_batches)
+  instructions = _averages(instructions, stages, sorted(accumulated))
+  instructions += _update_instructions(stages, update, combine, combine_stage)
+  return PipelineProgram(tuple(stages), update, tuple(instructions),
+                         tuple(invar_ids), tuple(batch_ids),
+                         tuple(sorted(accumulated)), num_micro_batches,
+                         out_ids=tuple(out_ids), combine=combine,
+                         combine_stage=combine_stage)

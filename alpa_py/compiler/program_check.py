@@ -14,12 +14,18 @@ What each read needs:
   not a batch input (a parameter).
 * RECV of a micro-batch tensor: a batch input, or a tensor an earlier RUN
   produced for that micro-batch, not freed since.
-* RUN: every tensor its task reads received for that task (the
-  micro-batch's value or the per-step one), not freed since.
-* ACC: an output of the RUN just before it.
+* RUN (UPDATE for an update program): every tensor its task reads
+  received for that task (the micro-batch's value or the per-step one), not
+  freed since.
+* ACC: an output of the RUN just before it, not yet complete (AVG).
 * a per-step program over the accumulators (REDUCE): its inputs
   accumulated.
-* the update: each input accumulated or a step input.
+* AVG: a tensor accumulated, once.
+* RECV of a per-step tensor by an update program (P, C, U, G): a step
+  input, an accumulated tensor after its AVG, or the result of an update
+  program run earlier.
+* the step's outputs: each made by an update program, accumulated, or a
+  step input.
 """
 
 from __future__ import annotations
@@ -28,14 +34,18 @@ import functools
 
 from alpa_py.compiler.errors import ScheduleError
 from alpa_py.compiler.graph import OpGraph
-from alpa_py.compiler.pipeline_program import (Instr, Instruction,
-                                               PipelineProgram)
+from alpa_py.compiler.pipeline_program import (GLOBAL, UPDATE_KINDS, Instr,
+                                               Instruction, PipelineProgram)
 from alpa_py.compiler.program import Task
 
-_TASK_NAMES = {"F": "forward", "B": "backward", "R": "reduce"}
+_TASK_NAMES = {"F": "forward", "B": "backward", "R": "reduce",
+               "P": "update partials", "C": "cross-stage combine",
+               "U": "update"}
 
 
 def _task_name(stage: int, kind: str) -> str:
+  if kind == GLOBAL:
+    return "the whole-mesh update (G)"
   return f"the {_TASK_NAMES.get(kind, kind)} of stage {stage} ({kind}{stage})"
 
 
@@ -59,11 +69,9 @@ class _Describe:
   def producers(self) -> dict[int, list[tuple[int, str]]]:
     """Tensor id -> the (stage, kind) tasks that output it."""
     out: dict = {}
-    for st in self.program.stages:
-      for kind in ("F", "B", "R"):
-        task = st.task(kind)
-        for t in task.out_ids if task is not None else ():
-          out.setdefault(t, []).append((st.index, kind))
+    for s, kind, task in self.program.all_tasks():
+      for t in task.out_ids:
+        out.setdefault(t, []).append((s, kind))
     return out
 
   def op(self, index: int) -> str:
@@ -114,7 +122,7 @@ class _Describe:
     parts = []
     for s, kind in tasks:
       runs = [k for k, ins in enumerate(self.program.instructions)
-              if ins.kind is Instr.RUN and ins.stage == s
+              if ins.kind in (Instr.RUN, Instr.UPDATE) and ins.stage == s
               and ins.task == kind and ins.micro_batch == m]
       when = (f"runs for {_mb(m)} at instruction {runs[0]}" if runs
               else f"never runs for {_mb(m)}")
@@ -152,6 +160,8 @@ def check_program(program: PipelineProgram, graph: OpGraph) -> None:
   moved: dict = {}  # (t, m) -> {(stage, kind): position of the RECV}
   last_run = None  # (stage, kind, m) of the latest RUN
   acc: set = set()
+  done: set = set()  # accumulators complete (AVG)
+  accumulated = frozenset(program.accumulated)
   for pos, ins in enumerate(program.instructions):
     s, kind, m, t = ins.stage, ins.task, ins.micro_batch, ins.tensor
     if ins.kind is Instr.RECV:
@@ -160,7 +170,16 @@ def check_program(program: PipelineProgram, graph: OpGraph) -> None:
         _fail(pos, ins, f"{_task_name(s, kind)} does not read tensor "
               f"{say.tensor(t)}")
       if m is None:
-        if t not in per_step:
+        if kind in UPDATE_KINDS and t in accumulated:
+          if t not in done:
+            _fail(pos, ins, f"{_task_name(s, kind)} reads accumulator "
+                  f"{say.tensor(t)} before it is complete (its AVG)")
+        elif kind in UPDATE_KINDS and t not in per_step:
+          if (t, None) not in live:
+            _fail(pos, ins, f"{_task_name(s, kind)} reads tensor "
+                  f"{say.tensor(t)} before an update program made it; "
+                  + say.producer(t, None))
+        elif t not in per_step:
           _fail(pos, ins, f"tensor {say.tensor(t)} is received once per step "
                 "but is not a per-step input (a parameter); "
                 + say.producer(t, 0))
@@ -177,7 +196,7 @@ def check_program(program: PipelineProgram, graph: OpGraph) -> None:
               f"of {_mb(m)}, but {why}; {say.readers(t, s, kind)}; "
               f"{say.producer(t, m)}", _ORDER_HINT)
       moved.setdefault((t, m), {})[(s, kind)] = pos
-    elif ins.kind is Instr.RUN:
+    elif ins.kind is Instr.RUN or ins.kind is Instr.UPDATE:
       task = program.task(s, kind)
       for x in task.in_ids:
         if (s, kind) not in moved.get((x, m), {}) and \
@@ -195,11 +214,19 @@ def check_program(program: PipelineProgram, graph: OpGraph) -> None:
       if last_run != (s, kind, m) or t not in program.task(s, kind).out_ids:
         _fail(pos, ins, f"tensor {say.tensor(t)} is accumulated, but the RUN "
               "just before is not the task that outputs it")
+      if t in done:
+        _fail(pos, ins, f"tensor {say.tensor(t)} is accumulated after its "
+              "AVG made it complete")
       acc.add(t)
     elif ins.kind is Instr.FREE:
       if live.pop((t, m), None) is not None:
         freed[(t, m)] = pos
       moved.pop((t, m), None)
+    elif ins.kind is Instr.AVG:
+      if t not in acc or t in done:
+        _fail(pos, ins, f"AVG of tensor {say.tensor(t)}, which is "
+              + ("already complete" if t in done else "not accumulated"))
+      done.add(t)
     else:  # a per-step program over the accumulators (REDUCE)
       task = program.task(s, kind)
       for x in task.in_ids:
@@ -207,8 +234,15 @@ def check_program(program: PipelineProgram, graph: OpGraph) -> None:
           _fail(pos, ins, f"{_task_name(s, kind)} reads accumulator "
                 f"{say.tensor(x)} before any ACC of it")
       acc.update(task.out_ids)
-  for t in program.update.in_ids:
-    if t not in acc and t not in program.invar_ids:
+  if program.update is not None:
+    for t in program.update.in_ids:
+      if t not in acc and t not in program.invar_ids:
+        raise ScheduleError(
+            f"pipeline program: the update reads tensor {say.tensor(t)}, "
+            "which is neither accumulated nor a step input; "
+            f"{say.producer(t, 0)}")
+  for t in program.outputs:
+    if (t, None) not in live and t not in acc and t not in program.invar_ids:
       raise ScheduleError(
-          f"pipeline program: the update reads tensor {say.tensor(t)}, which "
-          f"is neither accumulated nor a step input; {say.producer(t, 0)}")
+          f"pipeline program: step output {say.tensor(t)} is made by no "
+          f"update program, accumulator or step input; {say.producer(t, None)}")

@@ -66,6 +66,15 @@ class StrategyConstraints:
         return False
     return True
 
+  def tensor(self, t: int, strats: Sequence[Strategy]) -> list[Strategy]:
+    """A step input's layouts under the batch rule: a batch input arrives
+    split over the data axes (not whole on every device, to be sliced)."""
+    d = self._batch_dims.get(t)
+    if d is None:
+      return list(strats)
+    return [s for s in strats if self._axes <= set(s.out_specs[0][d])] or \
+        list(strats)
+
   def __call__(self, op: Op, strats: Sequence[Strategy]) -> list[Strategy]:
     strats = list(strats)
     if self._batch_dims and any(

@@ -66,7 +66,7 @@ def new_surcharges(graph: OpGraph, solution, events, compiled,
   predicted = collections.Counter((e.op, e.kind) for e in events)
   seen = collections.Counter((c.graph_op, k) for c in compiled
                              if c.graph_op is not None for k in c.kinds)
-  ops = {op.index: op for op in graph.ops}
+  ops = {op.index: op for op in graph.all_ops()}
   out = dict(known)
   added = collections.defaultdict(list)
   for kind in {k for _, k in seen}:

@@ -2,7 +2,9 @@
 
 trace (one micro-batch) -> OpGraph -> pre/body/update split -> layers ->
 stages on submeshes -> per stage, one intra-op ILP over its forward and
-backward ops and two compiled programs -> the update on the whole mesh ->
+backward ops and two compiled programs -> the update, on each stage's
+submesh for its own parameters (``driver/stage_update.py``), or on the
+whole mesh where it cannot be split ->
 a ``PipelineProgram`` (the schedule's instruction list) that the backend
 runs.
 """
@@ -13,10 +15,9 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 from alpa_py import _progress
-from alpa_py.compiler import accumulation, deferred_reduction
+from alpa_py.compiler import accumulation, control_flow, deferred_reduction
 from alpa_py.compiler.auto_sharding import InfeasiblePlanError, run_auto_sharding
 from alpa_py.compiler.cluster_env import (LogicalMesh, get_profile,
                                           mesh_factorizations)
@@ -40,9 +41,43 @@ from alpa_py.driver.stage_construction import (Pieces, auto_stages,
                                                compile_task, manual_stages,
                                                recomputed_ops, solve_stage,
                                                uniform_stages)
+from alpa_py.driver.stage_update import LocalUpdate, stage_local_update
 from alpa_py.driver.tracing import TracedStep, trace_step
 from alpa_py.methods import PipeshardParallel
 from alpa_py.runtime.backend import Backend
+
+def _split_pre(graph: OpGraph, part) -> tuple[list, list]:
+  """The batch-independent ops: (those that run in the stages, those that
+  run only with the update).
+
+  An op only the update needs that reads a step input no micro-batch op
+  reads (``decay * momentum``, ``step + 1``) runs with the update, so that
+  no stage receives optimizer state; the others stay with the stages, as
+  the layer assignment placed them."""
+  pre_by_out = {t: op for op in part.pre for t in op.outputs}
+  needed: set = set()
+  stack = [t for op in part.body for t in op.inputs if isinstance(t, int)]
+  while stack:
+    op = pre_by_out.get(stack.pop())
+    if op is None or op.index in needed:
+      continue
+    needed.add(op.index)
+    stack.extend(t for t in op.inputs if isinstance(t, int))
+  read = {t for op in part.body for t in op.inputs if isinstance(t, int)}
+  read |= {t for op in part.pre if op.index in needed
+           for t in op.inputs if isinstance(t, int)}
+  inputs = set(graph.invars)
+  foreign: set = set()  # tensors that depend on a step input no stage reads
+  for op in part.pre:
+    if op.index not in needed and any(
+        isinstance(t, int) and (t in foreign or (t in inputs and t not in read))
+        for t in op.inputs):
+      foreign.update(op.outputs)
+  update_only = {op.index for op in part.pre if op.outputs
+                 and set(op.outputs) <= foreign}
+  return ([op for op in part.pre if op.index not in update_only],
+          [op for op in part.pre if op.index in update_only])
+
 
 def _update_ops(graph: OpGraph, pieces: Pieces, averaged: set):
   """The update's ops: the post part, and the pre ops it needs that do not
@@ -65,7 +100,7 @@ def _update_ops(graph: OpGraph, pieces: Pieces, averaged: set):
 def _compile_update(traced: TracedStep, pieces: Pieces, averaged: set,
                     option: AutoShardingOption, devices):
   """The update on the whole mesh: (Task, solution, graph, mesh)."""
-  graph, n = traced.graph, traced.num_micro_batches
+  graph = traced.graph
   g = subgraph(graph, _update_ops(graph, pieces, averaged),
                [t for t in graph.outvars if isinstance(t, int)])
   inputs = set(g.invars)
@@ -79,12 +114,9 @@ def _compile_update(traced: TracedStep, pieces: Pieces, averaged: set,
       best = sol
   mesh = make_mesh(devices, best.mesh_shape)
   on_output, on_operand = constraint_hooks(g, best, mesh)
-  div = [t in averaged for t in g.invars]
 
   def apply_fn(*args):
-    # accumulated values arrive summed over micro-batches: take the mean
-    args = [a / n if d and jnp.issubdtype(a.dtype, jnp.inexact) else a
-            for a, d in zip(args, div)]
+    # accumulated values arrive as their mean (the program's AVG)
     env = dict(zip(g.invars, args))
     evaluate(g, None, on_output=on_output, on_operand=on_operand, env=env)
     return tuple(env[t] for t in g.outvars)
@@ -176,7 +208,8 @@ def _num_residuals(gf: OpGraph, gb: OpGraph) -> int:
 def _compile_stages(pieces: Pieces, specs, devices, option: AutoShardingOption,
                     names: dict, traces: _PerDeviceTraces | None = None):
   """Per stage, its intra-op plan and compiled programs: (the
-  ``StageProgram``s, their ``StagePlan``s)."""
+  ``StageProgram``s, their ``StagePlan``s, their (solution, joint graph,
+  mesh))."""
   graph = pieces.graph
   profile = get_profile(option.cost_profile)
   solved = []
@@ -190,7 +223,7 @@ def _compile_stages(pieces: Pieces, specs, devices, option: AutoShardingOption,
                                 f"submesh {spec.submesh_shape}: {e}") from None
     sub = devices[spec.device_range[0]:spec.device_range[1]]
     solved.append((sol, joint, gf, gb, make_mesh(sub, spec.logical_shape)))
-  stages, stage_plans = [], []
+  stages, stage_plans, solved_stages = [], [], []
   for k, (spec, (sol, joint, gf, gb, mesh), (deferral, note)) in enumerate(
       zip(specs, solved, _deferrals(traces, pieces, solved))):
     f, r = compile_task(gf, sol, mesh), None
@@ -204,6 +237,7 @@ def _compile_stages(pieces: Pieces, specs, devices, option: AutoShardingOption,
     device_ids = tuple(d.id for d in mesh.devices.flat)
     stages.append(StageProgram(k, f, b, device_ids, tuple(spec.logical_shape),
                                reduce=r))
+    solved_stages.append((sol, joint, mesh))
     stage_plans.append(StagePlan(
         index=k, layers=spec.layers, submesh_shape=spec.submesh_shape,
         logical_shape=spec.logical_shape, device_ids=device_ids,
@@ -216,7 +250,7 @@ def _compile_stages(pieces: Pieces, specs, devices, option: AutoShardingOption,
         gradient_reduction=note,
         num_recomputed_ops=len(recomputed_ops(pieces, gb)),
         num_residuals=_num_residuals(gf, gb) if pieces.layers.remat else 0))
-  return stages, stage_plans
+  return stages, stage_plans, solved_stages
 
 
 def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
@@ -228,10 +262,17 @@ def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
   option = method.default_auto_sharding_option
   traced = trace_step(fun, sig, n, unroll_layer_scans=True)
   graph = traced.graph
+  control_flow.warn_replicated(graph)
   part = accumulation.partition(graph, sig.batch_inputs, n, traced.out_names)
-  pipe_ops = sorted(part.pre + part.body, key=lambda o: o.index)
+  stage_pre, update_pre = _split_pre(graph, part)
   t0 = time.perf_counter()
-  layers = assign_layers(graph, pipe_ops, method.layer_option)
+  # layers are assigned as if the stages ran every batch-independent op
+  # (the placement rules see all readers); the stages then run only those
+  # the micro-batches need
+  layers = assign_layers(graph, sorted(part.pre + part.body,
+                                       key=lambda o: o.index),
+                         method.layer_option)
+  pipe_ops = sorted(stage_pre + list(part.body), key=lambda o: o.index)
   report["layer_clustering_seconds"] = time.perf_counter() - t0
   _progress.log(f"{layers.num_layers} layers, GFLOP per layer: "
                 + ", ".join(f"{f / 1e9:.3f}" for f in layers.layer_flops))
@@ -239,7 +280,8 @@ def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
       option.force_batch_dim_to_mesh_dim is not None
   batch_ids = [graph.invars[i] for i in sorted(sig.batch_inputs)]
   pieces = Pieces(graph, layers, pipe_ops,
-                  sorted(part.post, key=lambda o: o.index), part.marked,
+                  sorted(update_pre + list(part.post), key=lambda o: o.index),
+                  part.marked,
                   batch_dims=traced.batch_dims if forced else None,
                   replicated_inputs=frozenset(
                       set(graph.invars) - set(batch_ids))
@@ -259,17 +301,39 @@ def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
   t0 = time.perf_counter()
   traces = _PerDeviceTraces(fun, sig, traced) \
       if option.force_data_parallel and n > 1 else None
-  stages, stage_plans = _compile_stages(pieces, specs, devices, option, names,
-                                        traces)
+  stages, stage_plans, solved_stages = _compile_stages(
+      pieces, specs, devices, option, names, traces)
   report["stage_compile_seconds"] = time.perf_counter() - t0
 
   produced = {t for st in stages for t in st.forward.out_ids + st.backward.out_ids}
   averaged = {t for t in part.marked if t in produced}
-  update, update_sol, update_graph, update_mesh = _compile_update(
-      traced, pieces, averaged, option, devices)
+  t0 = time.perf_counter()
+  out_ids = tuple(t for t in graph.outvars if isinstance(t, int))
+  local = stage_local_update(traced, _update_ops(graph, pieces, averaged),
+                             averaged, stages, solved_stages, option, names,
+                             batch_ids)
   clocks = clock_table(method.pipeline_schedule, len(stages), n)
-  program = emit_program(stages, update, clocks, graph.invars, batch_ids,
-                         averaged, n)
+  if isinstance(local, LocalUpdate):
+    update_plan = None
+    program = emit_program(local.stages, None, clocks, graph.invars,
+                           batch_ids, averaged, n, out_ids=out_ids,
+                           combine=local.combine,
+                           combine_stage=local.combine_stage)
+    update_notes = local.notes
+  else:
+    update, update_sol, update_graph, update_mesh = _compile_update(
+        traced, pieces, averaged, option, devices)
+    update_plan = make_plan(
+        update_graph, update_sol,
+        tuple(names.get(t, f"%{t} (accumulated)")
+              for t in update_graph.invars),
+        len(update_graph.outvars), "update", option.cost_profile,
+        update_mesh, out_names=traced.out_names)
+    program = emit_program(stages, update, clocks, graph.invars, batch_ids,
+                           averaged, n, out_ids=out_ids)
+    update_notes = (f"whole-mesh update: {local}",)
+  report["update_compile_seconds"] = time.perf_counter() - t0
+  _progress.log(update_notes[0])
   check_program(program, graph)  # every read finds its value, or raise
   plan = PipeshardPlan(
       stages=tuple(stage_plans),
@@ -278,12 +342,8 @@ def compile_pipeshard(fun: Callable, sig: Signature, method: PipeshardParallel,
       schedule_name=method.pipeline_schedule.value,
       num_micro_batches=n, num_layers=layers.num_layers,
       layer_flops=layers.layer_flops,
-      update_plan=make_plan(
-          update_graph, update_sol,
-          tuple(names.get(t, f"%{t} (accumulated)")
-                for t in update_graph.invars),
-          len(update_graph.outvars), "update", option.cost_profile,
-          update_mesh, out_names=traced.out_names),
+      update_plan=update_plan,
+      update_notes=update_notes,
       compile_report=tuple(sorted(report.items())),
       remat_layer=layers.remat)
   ex = PipeshardExecutable(program, plan, traced.out_tree,

@@ -191,9 +191,10 @@ class PipeshardPlan:
   num_micro_batches: int
   num_layers: int
   layer_flops: tuple[float, ...]
-  update_plan: ShardingPlan
+  update_plan: ShardingPlan | None  # None: each stage updates its own
   compile_report: tuple  # (name, value) pairs: seconds spent per phase
   remat_layer: bool = False
+  update_notes: tuple[str, ...] = ()  # how the update runs, and why
 
   def __str__(self) -> str:
     lines = [f"PipeshardPlan: {len(self.stages)} stages over {self.num_layers} "
@@ -216,7 +217,9 @@ class PipeshardPlan:
         lines.append(f"      {prim:<20} {strat}")
     lines.append("  schedule (one clock per line):")
     lines.extend(f"    {c}" for c in self.schedule)
-    lines.append(f"  update on mesh {self.update_plan.mesh_shape}")
+    if self.update_plan is not None:
+      lines.append(f"  update on mesh {self.update_plan.mesh_shape}")
+    lines.extend(f"  {note}" for note in self.update_notes)
     if self.compile_report:
       lines.append("  compile: " + ", ".join(
           f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"

@@ -25,19 +25,16 @@ class LocalTransport:
     return True
 
   def program(self, key):
-    task = self._program.update if key == "update" else \
-        self._program.task(key[1], key[0])
+    task = self._program.task(key[1], key[0])
     return task.compiled, task.in_shardings
 
   def step_value(self, t):
     return self._inputs[t]
 
-  batch_value = update_value = step_value
+  batch_value = step_value
 
   def place(self, value, sharding):
     return reshard(value, sharding)
-
-  place_update = place
 
   def receive(self, t, m):
     raise KeyError(f"tensor %{t} of micro-batch {m} was read before any "
@@ -46,15 +43,13 @@ class LocalTransport:
   def send(self, t, m, value):
     pass
 
-  def accumulated(self, acc):
-    return acc
-
 
 class LocalPipelineRunner:
   """Runs a pipelined step locally.
 
   Attributes:
-    last_run_stats: ``RunStats`` of the last call.
+    last_run_stats: ``RunStats`` of the last call (with the bytes that
+      crossed stage boundaries, by kind).
   """
 
   def __init__(self, program: PipelineProgram, block: bool):

@@ -8,6 +8,7 @@ jaxprs; arrays stay here, named by handles, until fetched or freed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -47,11 +48,14 @@ class HostWorker:
   def ping(self):
     return self.rank
 
-  def _load_task(self, task):
+  def _load_task(self, task, device_ids=None):
     """(callable, argument shardings) of a portable ``Task``: on this host's
-    devices for a pipeline stage, on every host's for a global program."""
+    devices for a pipeline stage (those of ``device_ids``, the stage's
+    cluster-wide ids), on every host's for a global program."""
     exported = jax.export.deserialize(task.blob)
     devs = jax.local_devices() if task.local_devices else jax.devices()
+    if task.local_devices and device_ids is not None:
+      devs = [devs[d % len(devs)] for d in device_ids]
     mesh = make_mesh(devs[:int(np.prod(task.mesh_shape))], task.mesh_shape)
     ins = tuple(NamedSharding(mesh, s) for s in task.in_specs)
     outs = tuple(NamedSharding(mesh, s) for s in task.out_specs)
@@ -93,30 +97,43 @@ class HostWorker:
     return self._keep(fn(*self._inputs(args, ins)), out_handles)
 
   def load_pipeline(self, key, program, hosts):
-    """Loads a portable ``PipelineProgram``: the stages on this host's
-    devices, the update on the global mesh."""
-    loaded = {"update": self._load_task(program.update)}
-    for st in program.stages:
-      if hosts[st.index] == self.rank:
-        loaded[("F", st.index)] = self._load_task(st.forward)
-        loaded[("B", st.index)] = self._load_task(st.backward)
-        if st.reduce is not None:
-          loaded[("R", st.index)] = self._load_task(st.reduce)
+    """Loads a portable ``PipelineProgram``: the programs of the stages on
+    this host on their devices, a whole-mesh update on the global mesh."""
+    loaded = {}
+    for s, kind, task in program.all_tasks():
+      if s < 0:
+        loaded[(kind, s)] = self._load_task(task)
+      elif hosts[s] == self.rank:
+        loaded[(kind, s)] = self._load_task(task,
+                                            program.stages[s].device_ids)
     self.pipelines[key] = (program, hosts, loaded)
     return True
 
   def run_pipeline(self, key, step, args, out_handles, mailbox):
-    """One pipelined step: this host's stages, then the global update."""
+    """One pipelined step: this host's stages and their updates (or the
+    global update). Returns (per output, (shape, dtype) where this host
+    holds it, else None; this host's ``RunStats`` fields)."""
     program, hosts, loaded = self.pipelines[key]
-    inputs = dict(zip(program.invar_ids, self._inputs(args)))
+    # a handle another host holds (a stage-local result) reads as None
+    vals = [self.buffers.get(val) if kind == "h" else np.asarray(val)
+            for kind, val in args]
+    inputs = dict(zip(program.invar_ids, vals))
     transport = WorkerTransport(program, hosts, self.rank, loaded, inputs,
                                 step, mailbox)
-    outs, _ = pipeline_interpreter.interpret(program, transport)
-    return self._keep(outs, out_handles)
+    outs, stats = pipeline_interpreter.interpret(program, transport)
+    held = [(h, v) for h, v in zip(out_handles, outs) if v is not None]
+    jax.block_until_ready([v for _, v in held])
+    for h, v in held:
+      self.buffers[h] = v
+    shapes = [None if v is None else (tuple(v.shape), str(v.dtype))
+              for v in outs]
+    return shapes, dataclasses.asdict(stats)
 
   def fetch(self, handle):
     """This host's shards of a buffer: [(index, ndarray)]."""
-    arr = self.buffers[handle]
+    arr = self.buffers.get(handle)
+    if arr is None:  # another host holds it (a stage's result)
+      return []
     out = []
     for shard in arr.addressable_shards:
       out.append((tuple((s.start, s.stop) for s in _norm(shard.index, arr.shape)),

@@ -76,13 +76,17 @@ def follows_min_shards(name: str) -> bool:
 
 def strategies_for(op: Op, graph: OpGraph, mesh: LogicalMesh, *,
                    prefer_reduce_scatter: bool = False,
-                   allow_mixed_mesh_shape: bool = False) -> list[Strategy]:
-  """All strategies of one op on a mesh."""
+                   allow_mixed_mesh_shape: bool = False,
+                   fused: bool = False) -> list[Strategy]:
+  """All strategies of one op on a mesh (``fused``: its bytes after XLA's
+  fusion, ``OpGraph.fused_bytes``)."""
   nest = loop_nest_for(op, graph)
   ins = [None if isinstance(t, Literal) else graph.tensor(t) for t in op.inputs]
   outs = [graph.tensor(t) for t in op.outputs]
   return enumerate_strategies(
-      nest, ins, outs, op.flops, op.bytes_accessed, mesh,
+      nest, ins, outs, op.flops,
+      graph.fused_bytes.get(op.index, op.bytes_accessed) if fused
+      else op.bytes_accessed, mesh,
       prefer_reduce_scatter=prefer_reduce_scatter,
       allow_mixed_mesh_shape=allow_mixed_mesh_shape)
 

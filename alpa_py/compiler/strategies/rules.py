@@ -81,7 +81,7 @@ def elementwise_rule(op, ins, outs):
   return _same_shape_nest(ins, outs)
 
 
-@register("iota", "full", "empty")
+@register("iota", "full", "empty", "empty2")
 def iota_rule(op, ins, outs):
   return _same_shape_nest(ins, outs)
 
