@@ -179,6 +179,51 @@ def cmd_plan(args) -> int:
   return 0
 
 
+def _simulate(args, simulate) -> int:
+  """``bench --simulate``: GPT and MoE planned hierarchically (stages,
+  submeshes, per-stage ILP), Wide-ResNet intra-op only."""
+  import json
+  import os
+  import sys
+  import time
+
+  from alpa_py.bench import simulate_hierarchical as hier
+  from alpa_py.bench.hierarchical import submeshes
+  from alpa_py.bench.progress import Bar
+  from alpa_py.compiler.cluster_env import get_profile
+  gpus = [int(g) for g in args.gpus.split(",")]
+  per_node = get_profile(args.simulate).devices_per_node
+  try:  # every count checked before any is planned
+    for g in gpus:
+      submeshes(g, per_node)
+  except ValueError as e:
+    print(f"alpa-py bench: {e}", file=sys.stderr)
+    return 2
+  name = args.config if args.config and not args.weak_scaling else None
+  hierarchical = args.suite in ("gpt", "moe")
+  rows = []
+  bar = Bar(len(gpus), f"simulate {args.suite} on {args.simulate}")
+  for g in gpus:
+    t0 = time.perf_counter()
+    if hierarchical:
+      rows.append(hier.hierarchical_one(args.suite, g, args.simulate,
+                                        name=name))
+    else:
+      rows.append(simulate.simulate_intra_op(args.suite, g, args.simulate,
+                                             name=name))
+    rows[-1]["wall_seconds"] = time.perf_counter() - t0
+    bar.step(f"{g} GPUs")
+  print(hier.table(rows) if hierarchical else simulate.intra_op_table(rows))
+  stem = os.path.join(args.out, f"simulate_{args.suite}_{args.simulate}")
+  with open(stem + ".json", "w") as f:
+    json.dump(rows, f, indent=1, default=str)
+  if hierarchical:
+    print(f"wrote {stem}.json")
+  else:
+    print(f"wrote {stem}.json, {simulate.plot(rows, stem + '.png')}")
+  return 0
+
+
 def cmd_bench(args) -> int:
   import json
   import os
@@ -187,20 +232,7 @@ def cmd_bench(args) -> int:
   from alpa_py.bench import simulate, suite
   os.makedirs(args.out, exist_ok=True)
   if args.simulate:
-    gpus = [int(g) for g in args.gpus.split(",")]
-    rows = []
-    from alpa_py.bench.progress import Bar
-    bar = Bar(len(gpus), f"simulate {args.suite} on {args.simulate}")
-    for g in gpus:
-      name = args.config if args.config and not args.weak_scaling else None
-      rows.append(simulate.simulate_one(args.suite, g, args.simulate, name=name))
-      bar.step(f"{g} GPUs")
-    print(simulate.table(rows))
-    stem = os.path.join(args.out, f"simulate_{args.suite}_{args.simulate}")
-    with open(stem + ".json", "w") as f:
-      json.dump(rows, f, indent=1, default=str)
-    print(f"wrote {stem}.json, {simulate.plot(rows, stem + '.png')}")
-    return 0
+    return _simulate(args, simulate)
   if args.quick:
     args.config, args.steps = "tiny", 2
   result = suite.run_suite(args.suite, args.config or "tiny",

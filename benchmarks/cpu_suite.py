@@ -1,7 +1,9 @@
-"""The CPU benchmark suite: the small GPT, MoE and Wide-ResNet configs on 8
-simulated devices, every plan side by side, JSON + PNG per config.
+"""The CPU benchmark suite: the small GPT, MoE and Wide-ResNet configs, a
+wide-MLP and a deep narrow GPT, on 8 simulated devices, every plan side by
+side (timed in interleaved rounds), JSON + PNG per config, and a summary of
+the suite's self-checks on measured times.
 
-  python benchmarks/cpu_suite.py [--out benchmarks/results] [--steps 5]
+  python benchmarks/cpu_suite.py [--out benchmarks/results] [--steps 7]
 """
 
 import argparse
@@ -14,24 +16,53 @@ os.environ.setdefault("ALPA_PY_QUIET", "1")
 
 from alpa_py.bench import suite  # noqa: E402
 
-CONFIGS = (("gpt", "small"), ("moe", "small"), ("wresnet", "tiny"))
+CONFIGS = (("gpt", "tiny"), ("gpt", "small"), ("moe", "tiny"), ("moe", "small"),
+           ("wresnet", "tiny"), ("gpt", "wide"), ("gpt", "deep"))
 
 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="bench_out")
-  ap.add_argument("--steps", type=int, default=5)
-  ap.add_argument("--profiles", default="cpu,a100_8x_nvlink_100gbps,"
-                  "v100_8x_nvlink_25gbps")
+  ap.add_argument("--steps", type=int, default=7)
+  ap.add_argument("--profiles", default="cpu,cpu:calibrated,"
+                  "a100_8x_nvlink_100gbps,v100_8x_nvlink_25gbps")
+  ap.add_argument("--configs", default=",".join(f"{s}:{n}" for s, n in CONFIGS))
   args = ap.parse_args()
   t0 = time.perf_counter()
-  for s, name in CONFIGS:
-    result = suite.run_suite(s, name, steps=args.steps,
-                             profiles=tuple(args.profiles.split(",")))
+  profiles = tuple(args.profiles.split(","))
+  results = []
+  for key in args.configs.split(","):
+    s, name = key.split(":")
+    result = suite.run_suite(s, name, steps=args.steps, profiles=profiles)
+    results.append(result)
     print(suite.table(result))
     print("wrote " + ", ".join(suite.save(result, args.out)) + "\n", flush=True)
+  print(summary(results, profiles))
   print(f"whole CPU suite: {time.perf_counter() - t0:.0f} s")
   return 0
+
+
+def summary(results, profiles) -> str:
+  """One line per config (auto vs the best measured baseline, memory), and
+  per profile the prediction figures over every plan of every config."""
+  lines = ["config        auto/best measured (best)     auto mem <= data"]
+  for r in results:
+    c = r["checks"]
+    lines.append(f"{r['suite']}:{r['config']:<8} "
+                 f"{c['auto_measured_over_best_baseline']:6.2f}x "
+                 f"({c['best_measured_baseline']:<8})           "
+                 f"{c['auto_memory_le_data_parallel']}")
+  for prof in profiles:
+    agree = sum(r["checks"][f"order_agreement[{prof}]"][0] for r in results)
+    total = sum(r["checks"][f"order_agreement[{prof}]"][1] for r in results)
+    errs = sorted(abs(v - 1) for r in results for v in
+                  r["checks"][f"predicted_over_measured[{prof}]"].values())
+    med = errs[len(errs) // 2] if len(errs) % 2 else \
+        (errs[len(errs) // 2 - 1] + errs[len(errs) // 2]) / 2
+    lines.append(f"{prof}: order agrees on {agree}/{total} plan pairs >10% "
+                 f"apart measured; median |pred/meas - 1| {med:.2f} over "
+                 f"{len(errs)} plans")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

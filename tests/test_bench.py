@@ -51,7 +51,7 @@ def test_named_configs_have_the_published_sizes():
 
 
 def test_simulation_allocates_nothing_and_reports_published():
-  row = simulate.simulate_one("moe", 8, "v100_8x_nvlink_25gbps")
+  row = simulate.simulate_intra_op("moe", 8, "v100_8x_nvlink_25gbps")
   assert row["published"] == {"Alpa": 45.8, "DeepSpeed": 40.0}
   assert row["predicted_tflops_per_gpu"] > 0
   assert row["mesh"] == [1, 8]

@@ -30,10 +30,12 @@ class BenchConfig:
   image: int = 0  # image side (wresnet)
 
 
-def _gpt(name, h, layers, heads, batch=1024, seq=1024, vocab=51200):
+def _gpt(name, h, layers, heads, batch=1024, seq=1024, vocab=51200,
+         mlp_ratio=4):
   return BenchConfig("gpt", name, dict(hidden=h, num_layers=layers,
                                        num_heads=heads, vocab_size=vocab,
-                                       seq_len=seq), batch, seq=seq)
+                                       seq_len=seq, mlp_ratio=mlp_ratio),
+                     batch, seq=seq)
 
 
 def _moe(name, h, layers, heads, experts, batch=1024, seq=1024, vocab=32000):
@@ -70,6 +72,10 @@ CONFIGS = {c.suite + ":" + c.name: c for c in [
     # small configs that run on 8 CPU devices in seconds
     _gpt("tiny", 128, 2, 4, batch=16, seq=64, vocab=1024),
     _gpt("small", 256, 4, 8, batch=32, seq=128, vocab=2048),
+    # shaped otherwise: a wide MLP (16x the width) on few layers, and a deep
+    # narrow stack
+    _gpt("wide", 128, 2, 4, batch=16, seq=64, vocab=512, mlp_ratio=16),
+    _gpt("deep", 64, 12, 4, batch=32, seq=32, vocab=256),
     _moe("tiny", 64, 2, 4, 8, batch=16, seq=32, vocab=512),
     _moe("small", 128, 4, 4, 8, batch=32, seq=64, vocab=1024),
     _wres("tiny", 8, 8, 2, batch=16, image=32, classes=10),
@@ -84,13 +90,27 @@ def get_config(suite: str, name: str) -> BenchConfig:
   return CONFIGS[key]
 
 
-def make_model(cfg: BenchConfig):
+def with_layers(cfg: BenchConfig, num_layers: int) -> BenchConfig:
+  """The same config with ``num_layers`` blocks (a proxy of its distinct
+  layers, for the simulator)."""
+  return dataclasses.replace(cfg, model={**cfg.model, "num_layers": num_layers})
+
+
+def make_model(cfg: BenchConfig, pipeline: bool = False):
+  """The config's model; ``pipeline``: as the simulator plans it, with bf16
+  compute (parameters stay float32) and a pipeline boundary marker between
+  layers."""
+  dtype = jnp.bfloat16 if pipeline else jnp.float32
   if cfg.suite == "gpt":
     m = dict(cfg.model)
     return GPT(GPTConfig(vocab_size=m["vocab_size"], seq_len=m["seq_len"],
                          hidden=m["hidden"], num_heads=m["num_heads"],
-                         num_layers=m["num_layers"]))
+                         num_layers=m["num_layers"],
+                         mlp_ratio=m.get("mlp_ratio", 4), dtype=dtype,
+                         pipeline_boundaries=pipeline))
   if cfg.suite == "moe":
+    if pipeline:
+      return MoEModel(**cfg.model, dtype=dtype, pipeline_boundaries=True)
     return MoEModel(**cfg.model)
   return WideResNet(**cfg.model)
 
@@ -126,8 +146,22 @@ def make_step(cfg: BenchConfig):
   return step
 
 
-def make_state(cfg: BenchConfig, abstract: bool = False):
-  model = make_model(cfg)
+def make_pipeline_step(cfg: BenchConfig):
+  """The step as a pipeline sees it: the gradient marked with
+  ``alpa_py.value_and_grad`` (for accumulation and layer construction)."""
+  import alpa_py  # the package imports this module's users
+
+  def step(state, batch):
+    def loss_of(params):
+      return lm_loss(state.apply_fn(params, batch["x"]), batch["x"])
+    loss, grads = alpa_py.value_and_grad(loss_of)(state.params)
+    return state.apply_gradients(grads=grads), loss
+
+  return step
+
+
+def make_state(cfg: BenchConfig, abstract: bool = False, pipeline: bool = False):
+  model = make_model(cfg, pipeline=pipeline)
   sample = make_batch(cfg, abstract=True, batch=1)["x"]
   tx = optax.adamw(1e-4)
 

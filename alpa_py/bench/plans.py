@@ -26,24 +26,36 @@ METHODS = {"data": alpa_py.DataParallel, "zero2": alpa_py.Zero2Parallel,
 
 
 @dataclasses.dataclass
-class Measured:
-  step_seconds: float
+class Runner:
+  """One compiled plan, ready to be timed: ``step()`` runs one blocked
+  training step on the runner's own state (so that plans can be timed in
+  turn, interleaved, on one machine)."""
+
+  fn: Callable
+  state: object
+  batch: object
   memory_per_device: int
   collective_bytes: dict
   compile_seconds: float
   ilp: dict
 
-
-def _time_steps(fn, state, batch, n):
-  state, loss = fn(state, batch)  # warm-up
-  jax.block_until_ready(loss)
-  times = []
-  for _ in range(n):
+  def step(self) -> float:
     t0 = time.perf_counter()
-    state, loss = fn(state, batch)
+    self.state, loss = self.fn(self.state, self.batch)
     jax.block_until_ready(loss)
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), float(loss)
+    return time.perf_counter() - t0
+
+
+def measure_interleaved(runners: dict, rounds: int) -> dict:
+  """Median step seconds per runner, timed A B C ... A B C ... (one warm-up
+  step each first): a slow spell on a shared machine hits every plan."""
+  for r in runners.values():
+    r.step()
+  times: dict = {name: [] for name in runners}
+  for _ in range(rounds):
+    for name, r in runners.items():
+      times[name].append(r.step())
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _path_str(path) -> str:
@@ -113,21 +125,21 @@ def manual_plans(suite: str, n: int):
   return plans
 
 
-def measure_method(step, state, batch, method, steps: int) -> Measured:
+def prepare_method(step, state, batch, method) -> Runner:
   t0 = time.perf_counter()
   par = alpa_py.parallelize(step, method=method)
   ex = par.get_executable(state, batch)
   compile_s = time.perf_counter() - t0
-  t, _ = _time_steps(par, state, batch, steps)
   s = ex.solve_stats
-  return Measured(t, ex.memory_per_device(), collective_bytes(ex.hlo_text()),
-                  compile_s, dict(status=s.status, variables=s.num_variables,
-                                  constraints=s.num_constraints,
-                                  solve_seconds=s.solve_seconds,
-                                  mesh=list(ex.plan.mesh_shape)))
+  return Runner(par, state, batch, ex.memory_per_device(),
+                collective_bytes(ex.hlo_text()), compile_s,
+                dict(status=s.status, variables=s.num_variables,
+                     constraints=s.num_constraints,
+                     solve_seconds=s.solve_seconds,
+                     mesh=list(ex.plan.mesh_shape)))
 
 
-def measure_manual(step, state, batch, plan: ManualPlan, devices, steps: int):
+def prepare_manual(step, state, batch, plan: ManualPlan, devices) -> Runner:
   mesh = make_mesh(devices, plan.mesh_shape)
   st, bt = plan.shardings(state, batch, mesh)
   t0 = time.perf_counter()
@@ -135,20 +147,19 @@ def measure_manual(step, state, batch, plan: ManualPlan, devices, steps: int):
                    out_shardings=(st, NamedSharding(mesh, P())))
   compiled = jitted.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  state = jax.device_put(state, st)
-  batch = jax.device_put(batch, bt)
-  t, _ = _time_steps(compiled, state, batch, steps)
-  return Measured(t, peak_bytes(compiled), collective_bytes(compiled.as_text()), compile_s, {})
+  return Runner(compiled, jax.device_put(state, st), jax.device_put(batch, bt),
+                peak_bytes(compiled), collective_bytes(compiled.as_text()),
+                compile_s, {})
 
 
-def measure_single(step, state, batch, steps: int) -> Measured:
+def prepare_single(step, state, batch) -> Runner:
   dev = jax.devices()[0]
   state, batch = jax.device_put((state, batch), dev)
   t0 = time.perf_counter()
   compiled = jax.jit(step).lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  t, _ = _time_steps(compiled, state, batch, steps)
-  return Measured(t, peak_bytes(compiled), collective_bytes(compiled.as_text()), compile_s, {})
+  return Runner(compiled, state, batch, peak_bytes(compiled),
+                collective_bytes(compiled.as_text()), compile_s, {})
 
 
 class Predictor:

@@ -1,5 +1,9 @@
 """Planning large configs on simulated GPU clusters, from abstract shapes.
 
+GPT and MoE: the hierarchical plan (``simulate_hierarchical``: layers, the
+stage DP and the per-stage ILP, in ``bench/hierarchical.py``). Wide-ResNet:
+the intra-op-only simulation described below (``simulate_intra_op``).
+
 The step is traced on ``jax.ShapeDtypeStruct``s (no parameter is allocated),
 the intra-op pass plans it on the logical mesh (nodes, 8) of the chosen
 profile, and the predicted step time gives TFLOPS per GPU, printed beside the
@@ -52,9 +56,12 @@ def mesh_for(gpus: int, per_node: int) -> tuple[int, int]:
 PER_GPU = {"gpt": 2, "moe": 2, "wresnet": 16}
 
 
-def simulate_one(suite: str, gpus: int, profile: str, *, name: str | None = None,
-                 per_gpu: int | None = None, time_limit_s: float = 120.0) -> dict:
-  """Predicted step time and TFLOPS/GPU of one config on ``gpus`` GPUs."""
+def simulate_intra_op(suite: str, gpus: int, profile: str, *,
+                      name: str | None = None, per_gpu: int | None = None,
+                      time_limit_s: float = 120.0) -> dict:
+  """Intra-op only (one mesh, fp32, no pipeline): predicted step time and
+  TFLOPS/GPU of one config on ``gpus`` GPUs (Wide-ResNet's simulation;
+  ``hierarchical_one`` plans GPT and MoE)."""
   name = name or WEAK_SCALING[suite][gpus]
   cfg = configs.get_config(suite, name)
   prof = get_profile(profile)
@@ -96,7 +103,7 @@ def simulate_one(suite: str, gpus: int, profile: str, *, name: str | None = None
                          PUBLISHED[suite].items()} if gpus in GPU_COUNTS else {})
 
 
-def table(rows: list[dict]) -> str:
+def intra_op_table(rows: list[dict]) -> str:
   lines = [f"{'suite':<8}{'gpus':>5} {'config':>6} {'params':>8} {'mesh':>8} "
            f"{'pred TFLOPS/GPU':>15} {'Alpa':>6} {'ratio':>6} {'other':>18} "
            f"{'est GiB/dev':>11} {'fits':>5} {'ILP s':>6}"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 import jax
 
@@ -15,7 +16,11 @@ from alpa_py.bench.progress import Bar
 def run_suite(suite: str, name: str, *, devices: int | None = None,
               steps: int = 5, profiles=("cpu", "a100_8x_nvlink_100gbps"),
               progress: bool = True) -> dict:
-  """Measures and predicts every plan of one config; returns the figures."""
+  """Measures and predicts every plan of one config; returns the figures.
+
+  Every plan is compiled first; then ``steps`` rounds time one step of each
+  plan in turn (A B C ... A B C ..., after one warm-up step each), and a
+  plan's measured time is the median of its rounds."""
   cfg = configs.get_config(suite, name)
   devs = jax.devices()[:devices] if devices else jax.devices()
   n = len(devs)
@@ -23,63 +28,97 @@ def run_suite(suite: str, name: str, *, devices: int | None = None,
   batch = configs.make_batch(cfg)
   step = configs.make_step(cfg)
   methods = ["jit", "data", "zero2", "zero3", "auto"]
-  manual = plans.manual_plans(suite, n)
-  bar = Bar(len(methods) + len(manual) + 1, f"{suite}:{name}", progress)
+  manual = {p.name: p for p in plans.manual_plans(suite, n)}
+  bar = Bar(len(methods) + len(manual) + 2, f"{suite}:{name}", progress)
   predictor = plans.Predictor(step, state, batch, n)
   bar.step("traced")
   flops = predictor.matmul_flops
-  rows = []
-  for m in methods + [p.name for p in manual]:
+  runners, pred = {}, {}
+  for m in methods + list(manual):
     bar.step(m)
     if m == "jit":
-      meas = plans.measure_single(step, state, batch, steps)
+      runners[m] = plans.prepare_single(step, state, batch)
     elif m in plans.METHODS:
-      meas = plans.measure_method(step, state, batch,
-                                  plans.METHODS[m](devices=devs), steps)
+      runners[m] = plans.prepare_method(step, state, batch,
+                                        plans.METHODS[m](devices=devs))
     else:
-      plan = next(p for p in manual if p.name == m)
-      meas = plans.measure_manual(step, state, batch, plan, devs, steps)
+      runners[m] = plans.prepare_manual(step, state, batch, manual[m], devs)
     used = 1 if m == "jit" else n
-    pred = {}
+    pred[m] = {}
     for prof in profiles:
-      if m in plans.METHODS or m == "jit":
-        sol = predictor.method(m, prof)
-      else:
-        sol = predictor.manual(next(p for p in manual if p.name == m), prof)
-      pred[prof] = dict(step_seconds=sol.objective,
-                        tflops_per_device=flops / sol.objective / used / 1e12,
-                        mesh=list(sol.mesh_shape))
+      sol = (predictor.manual(manual[m], prof) if m in manual
+             else predictor.method(m, prof))
+      pred[m][prof] = dict(step_seconds=sol.objective,
+                           tflops_per_device=flops / sol.objective / used / 1e12,
+                           mesh=list(sol.mesh_shape))
+  bar.step(f"timing {steps} interleaved rounds")
+  measured = plans.measure_interleaved(runners, steps)
+  rows = []
+  for m, r in runners.items():
+    used = 1 if m == "jit" else n
     rows.append(dict(plan=m, devices=used,
-                     measured_step_seconds=meas.step_seconds,
-                     measured_tflops_per_device=flops / meas.step_seconds / used / 1e12,
-                     memory_per_device=meas.memory_per_device,
-                     collective_bytes=meas.collective_bytes,
-                     compile_seconds=meas.compile_seconds, ilp=meas.ilp,
-                     predicted=pred))
+                     measured_step_seconds=measured[m],
+                     measured_tflops_per_device=flops / measured[m] / used / 1e12,
+                     memory_per_device=r.memory_per_device,
+                     collective_bytes=r.collective_bytes,
+                     compile_seconds=r.compile_seconds, ilp=r.ilp,
+                     predicted=pred[m]))
   return dict(suite=suite, config=name, devices=n, params=configs.num_params(state),
               matmul_flops_per_step=flops, batch=cfg.batch, steps=steps,
-              profiles=list(profiles), rows=rows, checks=checks(rows, profiles))
+              timing="median of interleaved rounds", profiles=list(profiles),
+              rows=rows, checks=checks(rows, profiles))
+
+
+def order_agreement(rows, profile: str, margin: float = 0.10):
+  """(agreeing, compared): over the multi-device plan pairs whose measured
+  times differ by more than ``margin``, how many the profile orders the
+  same way."""
+  multi = [r for r in rows if r["plan"] != "jit"]
+  agree = total = 0
+  for i, a in enumerate(multi):
+    for b in multi[i + 1:]:
+      ma, mb = a["measured_step_seconds"], b["measured_step_seconds"]
+      if max(ma, mb) <= (1 + margin) * min(ma, mb):
+        continue
+      total += 1
+      pa = a["predicted"][profile]["step_seconds"]
+      pb = b["predicted"][profile]["step_seconds"]
+      agree += (pa < pb) == (ma < mb)
+  return agree, total
 
 
 def checks(rows, profiles) -> dict:
-  """What the suite asserts about itself: auto's memory vs data parallel, and
-  auto's predicted time vs the best baseline under each profile; and how far
-  the cpu prediction is from the cpu measurement, per plan."""
+  """What the suite asserts about itself, on measured times: auto's time
+  within 5% of the best baseline's and its memory at most data
+  parallel's; and, per profile, how well predictions order and match the
+  measurements (predicted / measured per plan, the median of
+  |predicted / measured - 1|, pairwise order agreement)."""
   by = {r["plan"]: r for r in rows}
   out = {}
   if "auto" in by and "data" in by:
     out["auto_memory_le_data_parallel"] = (
         by["auto"]["memory_per_device"] <= by["data"]["memory_per_device"])
+  base = [r for r in rows if r["plan"] not in ("auto", "jit")]
+  if "auto" in by and base:
+    best = min(base, key=lambda r: r["measured_step_seconds"])
+    out["best_measured_baseline"] = best["plan"]
+    out["auto_measured_over_best_baseline"] = (
+        by["auto"]["measured_step_seconds"] / best["measured_step_seconds"])
+    out["auto_measured_le_1.05x_best_baseline"] = (
+        out["auto_measured_over_best_baseline"] <= 1.05)
   for prof in profiles:
-    base = [r for r in rows if r["plan"] not in ("auto", "jit")]
-    best = min(base, key=lambda r: r["predicted"][prof]["step_seconds"])
-    out[f"auto_predicted_le_best_baseline[{prof}]"] = (
-        by["auto"]["predicted"][prof]["step_seconds"] <=
-        best["predicted"][prof]["step_seconds"] * (1 + 1e-9))
-    out[f"best_baseline[{prof}]"] = best["plan"]
-  out["cpu_prediction_error"] = {
-      r["plan"]: r["predicted"]["cpu"]["step_seconds"] / r["measured_step_seconds"]
-      for r in rows if "cpu" in r["predicted"]}
+    ratio = {r["plan"]: r["predicted"][prof]["step_seconds"] /
+             r["measured_step_seconds"] for r in rows}
+    out[f"predicted_over_measured[{prof}]"] = ratio
+    out[f"median_abs_error[{prof}]"] = float(statistics.median(
+        abs(v - 1) for v in ratio.values()))
+    agree, total = order_agreement(rows, prof)
+    out[f"order_agreement[{prof}]"] = [agree, total]
+    if base and "auto" in by:
+      best_p = min(base, key=lambda r: r["predicted"][prof]["step_seconds"])
+      out[f"auto_predicted_le_best_baseline[{prof}]"] = (
+          by["auto"]["predicted"][prof]["step_seconds"] <=
+          best_p["predicted"][prof]["step_seconds"] * (1 + 1e-9))
   return out
 
 
@@ -106,12 +145,18 @@ def table(result: dict) -> str:
         f"{r['plan']} {r['measured_step_seconds'] / by['auto']['measured_step_seconds']:.2f}x time "
         f"{r['memory_per_device'] / by['auto']['memory_per_device']:.2f}x mem"
         for r in result["rows"] if r["plan"] != "auto"))
-  lines.append("checks: " + json.dumps({k: v for k, v in result["checks"].items()
-                                       if k != "cpu_prediction_error"}))
-  err = result["checks"].get("cpu_prediction_error", {})
-  if err:
-    lines.append("cpu cost model vs measurement (predicted/measured): " +
-                 ", ".join(f"{k} {v:.2f}" for k, v in err.items()))
+  chk = result["checks"]
+  lines.append("checks: " + json.dumps(
+      {k: v for k, v in chk.items() if not k.startswith(
+          ("predicted_over_measured", "median_abs_error", "order_agreement"))}))
+  for prof in profs:
+    agree, total = chk[f"order_agreement[{prof}]"]
+    lines.append(f"{prof}: median |pred/meas - 1| "
+                 f"{chk[f'median_abs_error[{prof}]']:.2f}, order agrees on "
+                 f"{agree}/{total} plan pairs (>10% apart measured); "
+                 "pred/meas " + ", ".join(
+                     f"{k} {v:.2f}" for k, v in
+                     chk[f"predicted_over_measured[{prof}]"].items()))
   return "\n".join(lines)
 
 

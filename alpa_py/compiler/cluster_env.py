@@ -61,6 +61,11 @@ class CostProfile:
     inter_beta: seconds per byte between nodes.
     devices_per_node: devices that share the fast links.
     memory_per_device: device memory in bytes (None: unknown).
+    half_flops_per_s: dense matmul throughput in fp16/bf16 (tensor cores),
+      vendor peak x a stated efficiency (None: as ``flops_per_s``).
+    conv_flops_per_s: fp16/bf16 convolution throughput (cuDNN implicit
+      GEMM reaches less of the peak than a large GEMM; None: as
+      ``half_flops_per_s``).
     model: a calibrated cost model; where set, ``LogicalMesh`` prices with
       it (the rates above are read from it, for code that reads them).
   """
@@ -74,6 +79,8 @@ class CostProfile:
   inter_beta: float
   devices_per_node: int
   memory_per_device: int | None = None
+  half_flops_per_s: float | None = None
+  conv_flops_per_s: float | None = None
   model: LinearCostModel | None = dataclasses.field(default=None, repr=False)
 
   def __post_init__(self):
@@ -108,19 +115,29 @@ GPU_PRESETS = {
     "v100_8x_nvlink_25gbps": CostProfile(
         "v100_8x_nvlink_25gbps", flops_per_s=90e12, mem_bytes_per_s=800e9,
         intra_alpha=8e-6, intra_beta=1 / 130e9, inter_alpha=30e-6,
-        inter_beta=1 / 3.0e9, devices_per_node=8, memory_per_device=16 * GiB),
+        inter_beta=1 / 3.0e9, devices_per_node=8, memory_per_device=16 * GiB,
+        # V100 SXM2 datasheet: 125 TFLOPS fp16 tensor-core peak x 0.72 (the
+        # efficiency of flops_per_s above); convolutions: the same peak x
+        # 0.4 (a stated derating for cuDNN fp16 convolutions, not fitted).
+        half_flops_per_s=125e12 * 0.72, conv_flops_per_s=125e12 * 0.4),
     # 8x A100 80 GB per node over NVLink 3 (~230 GB/s achieved), 100 Gb/s
     # between nodes.
     "a100_8x_nvlink_100gbps": CostProfile(
         "a100_8x_nvlink_100gbps", flops_per_s=220e12, mem_bytes_per_s=1.8e12,
         intra_alpha=6e-6, intra_beta=1 / 230e9, inter_alpha=20e-6,
-        inter_beta=1 / 11.5e9, devices_per_node=8, memory_per_device=80 * GiB),
+        inter_beta=1 / 11.5e9, devices_per_node=8, memory_per_device=80 * GiB,
+        # A100 SXM datasheet: 312 TFLOPS fp16/bf16 dense peak x 0.72; convs
+        # the same peak x 0.4 (stated derating).
+        half_flops_per_s=312e12 * 0.72, conv_flops_per_s=312e12 * 0.4),
     # 8x H100 80 GB per node over NVLink 4 (~370 GB/s achieved), 400 Gb/s
     # InfiniBand between nodes.
     "h100_8x_nvlink_400gbps": CostProfile(
         "h100_8x_nvlink_400gbps", flops_per_s=650e12, mem_bytes_per_s=3.0e12,
         intra_alpha=5e-6, intra_beta=1 / 370e9, inter_alpha=15e-6,
-        inter_beta=1 / 46e9, devices_per_node=8, memory_per_device=80 * GiB),
+        inter_beta=1 / 46e9, devices_per_node=8, memory_per_device=80 * GiB,
+        # H100 SXM datasheet: 989 TFLOPS bf16 dense peak x 0.66; convs the
+        # same peak x 0.4 (stated derating).
+        half_flops_per_s=989e12 * 0.66, conv_flops_per_s=989e12 * 0.4),
 }
 CALIBRATED_NAMES = ("cpu:calibrated", "gpu:calibrated", "tpu:calibrated")
 PROFILE_NAMES = ("cpu",) + tuple(GPU_PRESETS) + CALIBRATED_NAMES

@@ -23,8 +23,6 @@ ILP's prices and the calibration measure one thing.
 
 from __future__ import annotations
 
-from alpa_py.compiler.graph import Literal, OpGraph
-
 _FUSIBLE = frozenset((
     "abs acos acosh add add_any and asin asinh atan atan2 atanh bessel_i0e "
     "bessel_i1e bitcast_convert_type cbrt ceil clamp clz conj "
@@ -45,17 +43,17 @@ def is_fusible(name: str) -> bool:
   return name in _FUSIBLE or name in _REDUCTIONS
 
 
-def fused_bytes(graph: OpGraph) -> dict[int, float]:
+def fused_bytes(graph) -> dict[int, float]:
   """Op index -> the bytes it moves after fusion (see the module doc), for
-  every op of ``graph``, bodies included (``OpGraph.fused_bytes`` caches
-  it)."""
+  every op of an ``OpGraph``, bodies included (``OpGraph.fused_bytes``
+  caches it; this module does not import ``graph``, which reads it)."""
   out: dict[int, float] = {}
   kept = _body_results(graph)
   for body in graph.bodies():
     readers: dict[int, list] = {}
     for op in body:
       for t in op.inputs:
-        if not isinstance(t, Literal):
+        if isinstance(t, int):  # a tensor id (not a Literal)
           readers.setdefault(t, []).append(op)
     made_here = {t: op for op in body for t in op.outputs}
 
@@ -71,14 +69,14 @@ def fused_bytes(graph: OpGraph) -> dict[int, float]:
         out[op.index] = op.bytes_accessed
         continue
       nbytes = sum(graph.tensor(t).nbytes for t in op.inputs
-                   if not isinstance(t, Literal) and not internal(t))
+                   if isinstance(t, int) and not internal(t))
       nbytes += sum(graph.tensor(t).nbytes for t in op.outputs
                     if not internal(t))
       out[op.index] = float(nbytes)
   return out
 
 
-def _body_results(graph: OpGraph) -> set:
+def _body_results(graph) -> set:
   """Tensors handed out of their body (written out whatever reads them)."""
   results = set(graph.outvar_set)
   for region in graph.regions.values():

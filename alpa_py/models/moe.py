@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from alpa_py.compiler.markers import mark_pipeline_boundary
 from alpa_py.models.gpt import causal_attention
 
 
@@ -21,9 +22,11 @@ class MoELayer(nn.Module):
   ffn: int
   capacity_factor: float = 2.0
   group_size: int | None = None  # tokens per dispatch group (GShard)
+  dtype: jnp.dtype = jnp.float32  # compute dtype (weights stay float32)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
     shape = x.shape
     x = x.reshape(-1, shape[-1])  # [T, H]
     g = self.group_size
@@ -45,6 +48,7 @@ class MoELayer(nn.Module):
     return gate, w1, w2
 
   def _dispatch(self, x, gate_w, w1, w2):
+    gate_w, w1, w2 = (w.astype(x.dtype) for w in (gate_w, w1, w2))
     t, e = x.shape[0], self.num_experts
     cap = max(1, int(self.capacity_factor * 2 * t / e))
     probs = jax.nn.softmax(x @ gate_w, axis=-1)
@@ -86,34 +90,44 @@ class MoEModel(nn.Module):
   moe_every: int = 1
   seq_len: int = 1024
   group_size: int | None = None
+  # compute dtype; parameters stay float32 (master weights)
+  dtype: jnp.dtype = jnp.float32
+  # call ``alpa_py.mark_pipeline_boundary()`` before every ``moe_every``-th
+  # block (for ``ManualLayerOption``; no effect on the math)
+  pipeline_boundaries: bool = False
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    embed = nn.Embed(self.vocab_size, self.hidden, name="wte")
+    dt = self.dtype
+    embed = nn.Embed(self.vocab_size, self.hidden, dtype=dt, name="wte")
     x = embed(tokens)
     b, s, h = x.shape
     if self.num_heads:
       pos = self.param("wpe", nn.initializers.normal(0.02), (self.seq_len, h))
-      x = x + pos[None, :s]
+      x = x + pos[None, :s].astype(dt)
     for i in range(self.num_layers):
+      if self.pipeline_boundaries and i > 0 and i % self.moe_every == 0:
+        mark_pipeline_boundary()
       if self.num_heads:
-        x = x + _attention(nn.LayerNorm()(x), self.num_heads, f"attn_{i}")
-      y = nn.LayerNorm()(x)
+        x = x + _attention(nn.LayerNorm(dtype=dt)(x), self.num_heads,
+                           f"attn_{i}", dt)
+      y = nn.LayerNorm(dtype=dt)(x)
       if (i + 1) % self.moe_every == 0:
         x = x + MoELayer(self.num_experts, self.hidden, 4 * self.hidden,
-                         group_size=self.group_size, name=f"moe_{i}")(y)
+                         group_size=self.group_size, dtype=dt,
+                         name=f"moe_{i}")(y)
       elif self.num_heads:
-        y = nn.Dense(4 * h, name=f"fc1_{i}")(y)
-        x = x + nn.Dense(h, name=f"fc2_{i}")(nn.gelu(y))
+        y = nn.Dense(4 * h, dtype=dt, name=f"fc1_{i}")(y)
+        x = x + nn.Dense(h, dtype=dt, name=f"fc2_{i}")(nn.gelu(y))
       else:
-        x = x + nn.Dense(self.hidden, name=f"dense_{i}")(nn.gelu(y))
-    return embed.attend(nn.LayerNorm()(x))
+        x = x + nn.Dense(self.hidden, dtype=dt, name=f"dense_{i}")(nn.gelu(y))
+    return embed.attend(nn.LayerNorm(dtype=dt)(x))
 
 
-def _attention(x, num_heads, name):
+def _attention(x, num_heads, name, dtype=jnp.float32):
   b, s, h = x.shape
-  qkv = nn.Dense(3 * h, name=f"{name}_qkv")(x)
+  qkv = nn.Dense(3 * h, dtype=dtype, name=f"{name}_qkv")(x)
   q, k, v = jnp.split(qkv.reshape(b, s, 3, num_heads, h // num_heads), 3, axis=2)
   q, k, v = (t.squeeze(2) for t in (q, k, v))
   ctx = causal_attention(q, k, v)
-  return nn.Dense(h, name=f"{name}_proj")(ctx.reshape(b, s, h))
+  return nn.Dense(h, dtype=dtype, name=f"{name}_proj")(ctx.reshape(b, s, h))
