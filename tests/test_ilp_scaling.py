@@ -164,6 +164,7 @@ def test_random_problems_are_left_alone(seed):
   assert tied.choice == full.choice and tied.tied_nodes == 0
 
 
+@pytest.mark.slow
 def test_tied_plan_runs_and_matches_one_device(monkeypatch):
   results = []
   solve = ilp.solve

@@ -207,6 +207,7 @@ def two_hosts():
     alpa_py.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip", [False, True])
 def test_stage_local_update_on_two_ray_hosts(two_hosts, clip):
   state, batch, step = mlp_pipeline(depth=DEPTH, batch=BATCH)
@@ -231,6 +232,7 @@ def test_stage_local_update_on_two_ray_hosts(two_hosts, clip):
   _close(saved, ref)
 
 
+@pytest.mark.slow
 def test_tied_embedding_has_one_owner_stage_named_in_the_plan():
   """The GPT ties its embedding: the first stage's forward and the last
   stage's read it, one gradient sums both contributions, and the stage that
