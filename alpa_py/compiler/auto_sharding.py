@@ -202,7 +202,7 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
       extra = surcharges.get((op.index, s.name))
       costs.append((s.cost + (extra.seconds if extra else 0.0)) * op.trips)
     node = _Node(costs, {}, [], [s.name for s in strats],
-                 root_op=op.index, root_outputs=tuple(op.outputs))
+                 root_op=op.index)
     for j, out in enumerate(op.outputs):
       node.specs[out] = [s.out_specs[j] for s in strats]
     for p, ref in enumerate(op.inputs):

@@ -39,22 +39,18 @@ class Node:
   reqs: list  # (tensor, op index, pos, spec per strategy, count_if_same_node)
   names: list[str]
   root_op: int | None = None
-  root_outputs: tuple[int, ...] = ()
   # (op index, its strategy name per strategy of the node) of the ops that
   # follow this node
   followers: list = dataclasses.field(default_factory=list)
   # (op, its strategies, followed operand position, pick per strategy of
   # the node) of each follower, for ``polish_followers``
   follower_choices: list = dataclasses.field(default_factory=list)
-  # other tensors the lowering constrains where the node has a choice (a
-  # region's inputs, a scan's results)
-  pinned: list = dataclasses.field(default_factory=list)
 
 
 def tensor_node(graph: OpGraph, t: int, mesh: LogicalMesh) -> Node:
   strats = tensor_strategies(graph.tensor(t), mesh)
   return Node([0.0] * len(strats), {t: [s.out_specs[0] for s in strats]},
-               [], [s.name for s in strats], pinned=[t])
+               [], [s.name for s in strats])
 
 
 def add_region_inputs(graph: OpGraph, op, region, mesh: LogicalMesh, nodes, node_of,
@@ -92,7 +88,6 @@ def add_region_results(graph: OpGraph, op, region, nodes, node_of) -> None:
     if isinstance(ref, int) and ref in node_of:
       node = nodes[node_of[ref]]
       node.specs[out] = [s if j < nk else ((),) + s for s in node.specs[ref]]
-      node.pinned.append(out)
       node_of[out] = node_of[ref]
     else:
       nodes.append(Node([0.0], {out: [replicated(len(graph.tensor(out).shape))]},
@@ -129,7 +124,6 @@ def add_branches(graph: OpGraph, op, branches, mesh: LogicalMesh, nodes,
       t, ref = copy.outputs[0], copy.inputs[0]
       node = tensor_node(graph, t, mesh)
       node.root_op = copy.index
-      node.root_outputs = (t,)
       if isinstance(ref, int):
         node.reqs.append((ref, copy.index, 0, list(node.specs[t]), True))
       nodes.append(node)
