@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 from alpa_py import driver
 from alpa_py.driver.batch_args import NoBatch, infer_batch_argnums
+from alpa_py.driver.fast_dispatch import DispatchCache
 from alpa_py.driver.signature import (Signature, StaticLeaf, make_signature,
                                       normalize_argnums, resolve_argnums)
 from alpa_py.methods import PipeshardParallel, ShardParallel
@@ -43,14 +44,30 @@ class ParallelizedFunc:
     self.batch_argnums = (None if batch_argnums is None else
                           normalize_argnums("batch_argnums", batch_argnums))
     self._cache: dict = {}
+    # in front of ``_cache``: a call keyed without per-leaf path work
+    self._dispatch = DispatchCache(self.static_argnums)
     self._static_seen: dict[str, set[StaticLeaf]] = {}
     functools.update_wrapper(self, fun)
 
   def __call__(self, *args, **kwargs):
+    """Runs the step, compiling it first for a new input signature.
+
+    A call whose cheap key (``fast_dispatch``) was seen before goes straight
+    to its executable; the full signature is made only on a miss, and the
+    key then remembers the executable it chose.
+    """
     if kwargs:
       raise ValueError(f"pass arguments positionally; got keyword arguments "
                        f"{sorted(kwargs)}")
-    ex, leaves = self._executable_and_leaves(args)
+    backend = current_cluster()
+    fast = self._dispatch.key(args, backend.serial)
+    if fast is not None:
+      ex = self._dispatch.get(fast[0])
+      if ex is not None:
+        return ex.call_flat(fast[1])
+    ex, leaves = self._executable_and_leaves(args, backend)
+    if fast is not None:
+      self._dispatch.put(fast[0], ex, fast[1], leaves)
     return ex.call_flat(leaves)
 
   def get_executable(self, *args, dump_dir: str | None = None):
@@ -69,12 +86,13 @@ class ParallelizedFunc:
 
   def clear_cache(self) -> None:
     self._cache.clear()
+    self._dispatch.clear()
     self._static_seen.clear()
 
   # -- internals -----------------------------------------------------------
 
-  def _executable_and_leaves(self, args):
-    backend = current_cluster()
+  def _executable_and_leaves(self, args, backend=None):
+    backend = backend or current_cluster()
     sig, leaves = self._signature(args, backend)
     key = (sig, self.method, backend.serial)
     ex = self._cache.get(key)

@@ -27,13 +27,16 @@ def main():
   ap.add_argument("--profiles", default="cpu,cpu:calibrated,"
                   "a100_8x_nvlink_100gbps,v100_8x_nvlink_25gbps")
   ap.add_argument("--configs", default=",".join(f"{s}:{n}" for s, n in CONFIGS))
+  ap.add_argument("--auto-profile", default="cpu:calibrated",
+                  help="the profile the auto plan is planned under")
   args = ap.parse_args()
   t0 = time.perf_counter()
   profiles = tuple(args.profiles.split(","))
   results = []
   for key in args.configs.split(","):
     s, name = key.split(":")
-    result = suite.run_suite(s, name, steps=args.steps, profiles=profiles)
+    result = suite.run_suite(s, name, steps=args.steps, profiles=profiles,
+                             auto_profile=args.auto_profile)
     results.append(result)
     print(suite.table(result))
     print("wrote " + ", ".join(suite.save(result, args.out)) + "\n", flush=True)
@@ -53,15 +56,17 @@ def summary(results, profiles) -> str:
                  f"({c['best_measured_baseline']:<8})           "
                  f"{c['auto_memory_le_data_parallel']}")
   for prof in profiles:
-    agree = sum(r["checks"][f"order_agreement[{prof}]"][0] for r in results)
-    total = sum(r["checks"][f"order_agreement[{prof}]"][1] for r in results)
-    errs = sorted(abs(v - 1) for r in results for v in
-                  r["checks"][f"predicted_over_measured[{prof}]"].values())
-    med = errs[len(errs) // 2] if len(errs) % 2 else \
-        (errs[len(errs) // 2 - 1] + errs[len(errs) // 2]) / 2
-    lines.append(f"{prof}: order agrees on {agree}/{total} plan pairs >10% "
-                 f"apart measured; median |pred/meas - 1| {med:.2f} over "
-                 f"{len(errs)} plans")
+    for tag, what in (("", "ILP objective"), ("compiled:", "compiled program")):
+      name = f"{tag}{prof}"
+      agree = sum(r["checks"][f"order_agreement[{name}]"][0] for r in results)
+      total = sum(r["checks"][f"order_agreement[{name}]"][1] for r in results)
+      errs = sorted(abs(v - 1) for r in results for v in
+                    r["checks"][f"predicted_over_measured[{name}]"].values())
+      med = errs[len(errs) // 2] if len(errs) % 2 else \
+          (errs[len(errs) // 2 - 1] + errs[len(errs) // 2]) / 2
+      lines.append(f"{prof} ({what}): order agrees on {agree}/{total} plan "
+                   f"pairs >10% apart measured; median |pred/meas - 1| "
+                   f"{med:.2f} over {len(errs)} plans")
   return "\n".join(lines)
 
 

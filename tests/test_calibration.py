@@ -151,7 +151,7 @@ def test_the_pool_is_a_fixed_draw_of_every_family():
   pool = calibration_pool.candidate_pool(8, 240, seed=0)
   assert len(pool) == 240 == len({c.id for c in pool})
   assert {c.family for c in pool} == {"dot", "ew", "reduce", "collective",
-                                      "mlp", "attn"}
+                                      "mlp", "attn", "conv", "step"}
   assert [c.id for c in pool] == [c.id for c in
                                   calibration_pool.candidate_pool(8, 240, 0)]
 

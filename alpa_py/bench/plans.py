@@ -38,6 +38,7 @@ class Runner:
   collective_bytes: dict
   compile_seconds: float
   ilp: dict
+  hlo_text: str = ""
 
   def step(self) -> float:
     t0 = time.perf_counter()
@@ -131,12 +132,13 @@ def prepare_method(step, state, batch, method) -> Runner:
   ex = par.get_executable(state, batch)
   compile_s = time.perf_counter() - t0
   s = ex.solve_stats
+  hlo = ex.hlo_text()
   return Runner(par, state, batch, ex.memory_per_device(),
-                collective_bytes(ex.hlo_text()), compile_s,
+                collective_bytes(hlo), compile_s,
                 dict(status=s.status, variables=s.num_variables,
                      constraints=s.num_constraints,
                      solve_seconds=s.solve_seconds,
-                     mesh=list(ex.plan.mesh_shape)))
+                     mesh=list(ex.plan.mesh_shape)), hlo)
 
 
 def prepare_manual(step, state, batch, plan: ManualPlan, devices) -> Runner:
@@ -147,9 +149,10 @@ def prepare_manual(step, state, batch, plan: ManualPlan, devices) -> Runner:
                    out_shardings=(st, NamedSharding(mesh, P())))
   compiled = jitted.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
+  hlo = compiled.as_text()
   return Runner(compiled, jax.device_put(state, st), jax.device_put(batch, bt),
-                peak_bytes(compiled), collective_bytes(compiled.as_text()),
-                compile_s, {})
+                peak_bytes(compiled), collective_bytes(hlo), compile_s, {},
+                hlo)
 
 
 def prepare_single(step, state, batch) -> Runner:
@@ -158,8 +161,9 @@ def prepare_single(step, state, batch) -> Runner:
   t0 = time.perf_counter()
   compiled = jax.jit(step).lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
+  hlo = compiled.as_text()
   return Runner(compiled, state, batch, peak_bytes(compiled),
-                collective_bytes(compiled.as_text()), compile_s, {})
+                collective_bytes(hlo), compile_s, {}, hlo)
 
 
 class Predictor:

@@ -9,18 +9,25 @@ import statistics
 
 import jax
 
+import alpa_py
 from alpa_py.bench import configs, plans
 from alpa_py.bench.progress import Bar
+from alpa_py.compiler.cluster_env import get_profile
+from alpa_py.compiler.program_cost import price_program
 
 
 def run_suite(suite: str, name: str, *, devices: int | None = None,
               steps: int = 5, profiles=("cpu", "a100_8x_nvlink_100gbps"),
-              progress: bool = True) -> dict:
+              auto_profile: str = "cpu", progress: bool = True) -> dict:
   """Measures and predicts every plan of one config; returns the figures.
 
   Every plan is compiled first; then ``steps`` rounds time one step of each
   plan in turn (A B C ... A B C ..., after one warm-up step each), and a
-  plan's measured time is the median of its rounds."""
+  plan's measured time is the median of its rounds. The auto plan is
+  planned under ``auto_profile``. Each plan has two predictions per
+  profile: ``predicted`` (the ILP's objective on the traced graph, its
+  input layouts fixed) and ``predicted_compiled`` (the profile's price of
+  the program XLA compiled, ``program_cost.price_program``)."""
   cfg = configs.get_config(suite, name)
   devs = jax.devices()[:devices] if devices else jax.devices()
   n = len(devs)
@@ -39,8 +46,10 @@ def run_suite(suite: str, name: str, *, devices: int | None = None,
     if m == "jit":
       runners[m] = plans.prepare_single(step, state, batch)
     elif m in plans.METHODS:
-      runners[m] = plans.prepare_method(step, state, batch,
-                                        plans.METHODS[m](devices=devs))
+      opt = alpa_py.AutoShardingOption(cost_profile=auto_profile)
+      runners[m] = plans.prepare_method(
+          step, state, batch, plans.METHODS[m](devices=devs,
+                                               auto_sharding_option=opt))
     else:
       runners[m] = plans.prepare_manual(step, state, batch, manual[m], devs)
     used = 1 if m == "jit" else n
@@ -62,17 +71,22 @@ def run_suite(suite: str, name: str, *, devices: int | None = None,
                      memory_per_device=r.memory_per_device,
                      collective_bytes=r.collective_bytes,
                      compile_seconds=r.compile_seconds, ilp=r.ilp,
-                     predicted=pred[m]))
+                     predicted=pred[m],
+                     predicted_compiled={
+                         prof: dict(step_seconds=price_program(
+                             r.hlo_text, get_profile(prof)).seconds)
+                         for prof in profiles}))
   return dict(suite=suite, config=name, devices=n, params=configs.num_params(state),
               matmul_flops_per_step=flops, batch=cfg.batch, steps=steps,
               timing="median of interleaved rounds", profiles=list(profiles),
-              rows=rows, checks=checks(rows, profiles))
+              auto_profile=auto_profile, rows=rows, checks=checks(rows, profiles))
 
 
-def order_agreement(rows, profile: str, margin: float = 0.10):
+def order_agreement(rows, profile: str, margin: float = 0.10,
+                    key: str = "predicted"):
   """(agreeing, compared): over the multi-device plan pairs whose measured
   times differ by more than ``margin``, how many the profile orders the
-  same way."""
+  same way (``key``: ``predicted`` or ``predicted_compiled``)."""
   multi = [r for r in rows if r["plan"] != "jit"]
   agree = total = 0
   for i, a in enumerate(multi):
@@ -81,8 +95,8 @@ def order_agreement(rows, profile: str, margin: float = 0.10):
       if max(ma, mb) <= (1 + margin) * min(ma, mb):
         continue
       total += 1
-      pa = a["predicted"][profile]["step_seconds"]
-      pb = b["predicted"][profile]["step_seconds"]
+      pa = a[key][profile]["step_seconds"]
+      pb = b[key][profile]["step_seconds"]
       agree += (pa < pb) == (ma < mb)
   return agree, total
 
@@ -107,13 +121,16 @@ def checks(rows, profiles) -> dict:
     out["auto_measured_le_1.05x_best_baseline"] = (
         out["auto_measured_over_best_baseline"] <= 1.05)
   for prof in profiles:
-    ratio = {r["plan"]: r["predicted"][prof]["step_seconds"] /
-             r["measured_step_seconds"] for r in rows}
-    out[f"predicted_over_measured[{prof}]"] = ratio
-    out[f"median_abs_error[{prof}]"] = float(statistics.median(
-        abs(v - 1) for v in ratio.values()))
-    agree, total = order_agreement(rows, prof)
-    out[f"order_agreement[{prof}]"] = [agree, total]
+    for key, tag in (("predicted", ""), ("predicted_compiled", "compiled:")):
+      if not all(key in r for r in rows):
+        continue
+      ratio = {r["plan"]: r[key][prof]["step_seconds"] /
+               r["measured_step_seconds"] for r in rows}
+      out[f"predicted_over_measured[{tag}{prof}]"] = ratio
+      out[f"median_abs_error[{tag}{prof}]"] = float(statistics.median(
+          abs(v - 1) for v in ratio.values()))
+      agree, total = order_agreement(rows, prof, key=key)
+      out[f"order_agreement[{tag}{prof}]"] = [agree, total]
     if base and "auto" in by:
       best_p = min(base, key=lambda r: r["predicted"][prof]["step_seconds"])
       out[f"auto_predicted_le_best_baseline[{prof}]"] = (
@@ -150,13 +167,16 @@ def table(result: dict) -> str:
       {k: v for k, v in chk.items() if not k.startswith(
           ("predicted_over_measured", "median_abs_error", "order_agreement"))}))
   for prof in profs:
-    agree, total = chk[f"order_agreement[{prof}]"]
-    lines.append(f"{prof}: median |pred/meas - 1| "
-                 f"{chk[f'median_abs_error[{prof}]']:.2f}, order agrees on "
-                 f"{agree}/{total} plan pairs (>10% apart measured); "
-                 "pred/meas " + ", ".join(
-                     f"{k} {v:.2f}" for k, v in
-                     chk[f"predicted_over_measured[{prof}]"].items()))
+    for tag, what in (("", "ILP"), ("compiled:", "compiled")):
+      if f"order_agreement[{tag}{prof}]" not in chk:
+        continue
+      agree, total = chk[f"order_agreement[{tag}{prof}]"]
+      lines.append(f"{prof} ({what}): median |pred/meas - 1| "
+                   f"{chk[f'median_abs_error[{tag}{prof}]']:.2f}, order agrees "
+                   f"on {agree}/{total} plan pairs (>10% apart measured); "
+                   "pred/meas " + ", ".join(
+                       f"{k} {v:.2f}" for k, v in
+                       chk[f"predicted_over_measured[{tag}{prof}]"].items()))
   return "\n".join(lines)
 
 

@@ -30,12 +30,14 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from scipy.optimize import nnls
 
 from alpa_py import _progress
 from alpa_py.compiler import active_regression
 from alpa_py.compiler import calibration_pool
 from alpa_py.compiler.cost_features import FEATURES
-from alpa_py.compiler.cost_model import DeviceKey, LinearCostModel
+from alpa_py.compiler.cost_model import (SCHEMA_VERSION, DeviceKey,
+                                         LinearCostModel)
 
 DEFAULT_BUDGET = 64
 DEFAULT_POOL_SIZE = 240
@@ -43,9 +45,11 @@ SELECTIONS = active_regression.RULES + ("all",)
 
 # label-free orders of magnitude (seconds per unit) that weight the rows
 _PRIOR = {
-    "cpu": {"fixed": 1e-4, "matmul_flops": 1e-10, "nonmatmul_bytes": 1e-9,
+    "cpu": {"fixed": 1e-4, "matmul_flops": 1e-10, "conv_flops": 1e-10,
+            "nonmatmul_bytes": 1e-9,
             "kernel_launches": 1e-5, "count": 5e-5, "bytes": 1e-9},
-    "default": {"fixed": 3e-5, "matmul_flops": 1e-14, "nonmatmul_bytes": 1e-12,
+    "default": {"fixed": 3e-5, "matmul_flops": 1e-14, "conv_flops": 2e-14,
+                "nonmatmul_bytes": 1e-12,
                 "kernel_launches": 5e-6, "count": 1e-5, "bytes": 1e-11},
 }
 
@@ -115,11 +119,50 @@ def fill_unmeasured(coef: np.ndarray, measured: np.ndarray,
     if measured[i]:
       continue
     unit = f.rsplit(":", 1)[-1]
+    if f == "conv_flops" and measured[FEATURES.index("matmul_flops")]:
+      coef[i] = coef[FEATURES.index("matmul_flops")]  # as fast as a dot
+      filled.append(f)
+      continue
     peers = [coef[j] for j, g in enumerate(FEATURES)
              if measured[j] and ":" in g and g.endswith(":" + unit)]
     coef[i] = max(peers) if peers else rates.get(f, rates.get(unit, 0.0))
     filled.append(f)
   return coef, tuple(filled)
+
+
+def fit_collective_terms(compiled, labels: dict, fixed: float,
+                         rounds: int = 3) -> tuple:
+  """(``<kind>:<link>``, alpha, beta) per collective kind and link, fitted
+  on the pool's ``collective`` programs (one resharding or psum each; the
+  ones not yet profiled are profiled now): seconds beyond ``fixed`` =
+  alpha + beta * ring bytes (non-negative least squares), for kinds with
+  at least two programs of different sizes."""
+  idx = [i for i, c in enumerate(compiled)
+         if c.candidate.family == "collective"]
+  todo = [i for i in idx if i not in labels]
+  if todo:
+    y, _ = calibration_pool.profile([compiled[i] for i in todo], rounds=rounds)
+    labels = {**labels, **dict(zip(todo, y.tolist()))}
+  groups: dict[str, list[tuple[float, float]]] = {}
+  for i in idx:
+    f = compiled[i].features
+    kinds = [(n.rsplit(":", 1)[0], f[j]) for j, n in enumerate(FEATURES)
+             if n.endswith(":bytes") and f[j] > 0]
+    if len(kinds) == 1:
+      groups.setdefault(kinds[0][0], []).append(
+          (kinds[0][1], max(labels[i] - fixed, 0.0)))
+  terms = []
+  for name, pts in sorted(groups.items()):
+    b = np.array([p[0] for p in pts])
+    if len(pts) < 2 or b.max() <= b.min():
+      continue
+    t = np.array([p[1] for p in pts])
+    a = np.stack([np.ones_like(b), b], 1)
+    # relative error: each program's row divided by its time
+    w = 1.0 / np.maximum(t, 1e-6)
+    alpha, beta = nnls(a * w[:, None], t * w)[0]
+    terms.append((name, float(alpha), float(beta)))
+  return tuple(terms)
 
 
 def _rel_error(pred: np.ndarray, y: np.ndarray) -> float:
@@ -180,6 +223,14 @@ def calibrate_model(devices: Sequence | None = None,
   coef, filled = fill_unmeasured(coef.clip(min=0.0),
                                  np.abs(x[sel.indices]).sum(axis=0) > 0,
                                  key.platform)
+  contention = calibration_pool.measure_contention(devices)
+  terms = fit_collective_terms(
+      compiled, dict(zip(sel.indices.tolist(), y.tolist())),
+      coef[FEATURES.index("fixed")], rounds)
+  if progress:
+    _progress.log("calibration: one resharding alone (collective + copies): "
+                  + ", ".join(f"{k} {a * 1e6:.0f} us + {b * 1e9:.2f} ns/B"
+                              for k, a, b in terms))
   if filled and progress:
     _progress.log(f"calibration: no profiled program exercised {filled}; "
                   "priced as the costliest measured collective")
@@ -187,7 +238,7 @@ def calibrate_model(devices: Sequence | None = None,
       key=key, coefficients=tuple(float(c) for c in coef),
       budget=len(sel.indices), pool_size=len(x), selection=selection,
       loss=loss, train_rel_error=_rel_error(x[sel.indices] @ coef, y),
-      unmeasured=filled,
+      unmeasured=filled, contention=contention, collective_terms=terms,
       labels=tuple((compiled[i].candidate.id, float(t))
                    for i, t in zip(sel.indices, y)))
   if progress:
@@ -230,7 +281,12 @@ def load(key: DeviceKey) -> LinearCostModel | None:
   if not path.exists():
     return None
   try:
-    model = LinearCostModel.from_json(json.loads(path.read_text()))
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and data.get("schema") not in (None, SCHEMA_VERSION):
+      _progress.log(f"calibration cache {path} has schema {data['schema']}, "
+                    f"this version reads {SCHEMA_VERSION}: profiling again")
+      return None
+    model = LinearCostModel.from_json(data)
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     warnings.warn(f"the calibration cache {path} is unreadable ({e}); "
                   "profiling again", CalibrationCacheWarning, stacklevel=3)

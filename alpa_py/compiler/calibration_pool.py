@@ -17,7 +17,16 @@ host):
   ``psum`` / ``psum_scatter`` over one axis, 8 KiB - 2 MiB per device;
 * ``mlp`` / ``attn``: a layer's forward + backward (the step of a one-layer
   model) under data-parallel, Megatron-style, ZeRO-style and replicated
-  plans.
+  plans;
+* ``conv``: a 3x3 convolution layer's forward + backward (its input- and
+  filter-gradient convolutions too) split on the batch, on the output
+  channels, or replicated;
+* ``step``: the whole training step (Adam update included) of a small
+  transformer under data-parallel, ZeRO-style, Megatron-style and
+  replicated plans (``calibration_steps``).
+
+``measure_contention`` times the same per-device work on 1, 2, 4, ... of the
+devices at once (``LinearCostModel.contention``).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from alpa_py.compiler.calibration_steps import step_candidates
 from alpa_py.compiler.cost_features import program_features
 
 AXES = ("x", "y")
@@ -291,10 +301,64 @@ def _layer_candidates(n: int) -> list[Candidate]:
   return out
 
 
+def _conv_step(x, w):
+  def loss(x, w):
+    y = lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(jax.nn.relu(y))
+  return jax.grad(loss, argnums=(0, 1))(x, w)
+
+
+def _conv_candidates(n: int) -> list[Candidate]:
+  out = []
+  for shape in _meshes(n):
+    if 1 in shape and shape != (1, n):
+      continue
+    both = ("x", "y") if shape[0] > 1 else "y"
+    for batch, hw, cin, cout in ((16, 16, 16, 32), (32, 16, 32, 32),
+                                 (16, 32, 32, 64), (64, 8, 64, 64)):
+      plans = {"data": (P(both), P()), "replicated": (P(), P())}
+      if shape[0] > 1:
+        plans["channels"] = (P("x"), P(None, None, None, "y"))
+      for plan, (sx, sw) in plans.items():
+        out.append(Candidate(f"conv:{batch}x{hw}x{cin}x{cout}:{shape}:{plan}",
+                             "conv", shape, _conv_step,
+                             ((batch, hw, hw, cin), (3, 3, cin, cout)),
+                             (sx, sw), (sx, sw)))
+  return out
+
+
+def measure_contention(devices, size: int = 512,
+                       reps: int = 5) -> tuple[tuple[int, float], ...]:
+  """(d, t_d / t_n) for d = 1, 2, 4, ... n: the time of one [size, size]
+  matmul per device when d of the ``n`` devices run it at once, over the
+  time when all of them do (the least of ``reps`` blocked calls each: the
+  least disturbed by other work on a shared host)."""
+  n = len(devices)
+  counts = sorted({1 << k for k in range(n.bit_length()) if 1 << k <= n}
+                  | {n})
+  times = {}
+  for d in counts:
+    mesh = Mesh(np.asarray(devices[:d]), ("d",))
+    sh = NamedSharding(mesh, P("d"))
+    a = jax.device_put(np.ones((d * size, size), np.float32), sh)
+    b = jax.device_put(np.ones((d, size, size), np.float32), sh)
+    f = jax.jit(lambda a, b, d=d: (a.reshape(d, size, size) @ b).reshape(
+        d * size, size), out_shardings=sh)
+    jax.block_until_ready(f(a, b))
+    ts = []
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(a, b))
+      ts.append(time.perf_counter() - t0)
+    times[d] = float(np.min(ts))
+  return tuple((d, times[d] / times[n]) for d in counts)
+
+
 # share of each family in a pool: single ops dominate, as in a step; the
 # collectives of each kind and link are the rarer rows
-_QUOTA = {"dot": 0.36, "ew": 0.16, "reduce": 0.05, "collective": 0.22,
-          "mlp": 0.13, "attn": 0.08}
+_QUOTA = {"dot": 0.28, "ew": 0.14, "reduce": 0.05, "collective": 0.2,
+          "mlp": 0.09, "attn": 0.06, "conv": 0.07, "step": 0.11}
 
 
 def all_candidates(num_devices: int) -> list[Candidate]:
@@ -302,7 +366,8 @@ def all_candidates(num_devices: int) -> list[Candidate]:
   return (_dot_candidates(num_devices) + _ew_candidates(num_devices)
           + _reduce_candidates(num_devices)
           + _collective_candidates(num_devices)
-          + _layer_candidates(num_devices))
+          + _layer_candidates(num_devices) + _conv_candidates(num_devices)
+          + step_candidates(num_devices, _meshes(num_devices), Candidate))
 
 
 def candidate_pool(num_devices: int, size: int = 240,

@@ -101,6 +101,7 @@ class CostProfile:
 
     return cls(name or f"{model.key.platform}:calibrated",
                flops_per_s=rate("matmul_flops"),
+               conv_flops_per_s=rate("conv_flops"),
                mem_bytes_per_s=rate("nonmatmul_bytes"),
                intra_alpha=model.coef("all-reduce:inner:count"),
                intra_beta=max(model.coef("all-reduce:inner:bytes"), 1e-30),
@@ -373,9 +374,13 @@ class LogicalMesh:
     a, b = self._alpha_beta(axis)
     return a * n + b * (n - 1) / (n * n) * nbytes * n / 2
 
-  def compute(self, flops: float, nbytes: float, is_matmul: bool) -> float:
+  def compute(self, flops: float, nbytes: float, is_matmul: bool,
+              is_conv: bool = False) -> float:
     if self.profile.model is not None:
-      return self.profile.model.compute_time(flops, nbytes, is_matmul)
+      return self.profile.model.compute_time(flops, nbytes, is_matmul,
+                                             is_conv, self.num_devices)
+    if is_conv:
+      return flops / (self.profile.conv_flops_per_s or self.profile.flops_per_s)
     if is_matmul:
       return flops / self.profile.flops_per_s
     return nbytes / self.profile.mem_bytes_per_s

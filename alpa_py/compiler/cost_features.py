@@ -4,8 +4,10 @@ linear in.
 One row per program, per device, read from its optimized HLO:
 
 * ``fixed``: 1 (what a step costs whatever it does);
-* ``matmul_flops``, ``nonmatmul_bytes``, ``kernel_launches``
-  (``hlo_kernels.kernel_stats``: after fusion, as XLA compiled it);
+* ``matmul_flops``, ``conv_flops``, ``nonmatmul_bytes``,
+  ``kernel_launches`` (``hlo_kernels.kernel_stats``: after fusion, as XLA
+  compiled it; convolutions apart from dots, as devices run them at rates
+  of their own);
 * per collective kind and link, ``<kind>:<link>:bytes`` and
   ``<kind>:<link>:count`` (``hlo_stats.collectives``). The link is
   ``inner`` where a collective's group holds consecutive device ids (a 1-D
@@ -33,7 +35,8 @@ from alpa_py.compiler.hlo_stats import collectives
 COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
 LINKS = ("inner", "outer")
 FEATURES: tuple[str, ...] = (
-    ("fixed", "matmul_flops", "nonmatmul_bytes", "kernel_launches")
+    ("fixed", "matmul_flops", "conv_flops", "nonmatmul_bytes",
+     "kernel_launches")
     + tuple(f"{k}:{link}:{what}" for k in COLLECTIVE_KINDS for link in LINKS
             for what in ("bytes", "count"))
     + ("collective-permute:bytes", "collective-permute:count"))
@@ -120,6 +123,7 @@ def program_features(hlo_text: str) -> np.ndarray:
   row[INDEX["fixed"]] = 1.0
   ks = kernel_stats(hlo_text)
   row[INDEX["matmul_flops"]] = ks.matmul_flops
+  row[INDEX["conv_flops"]] = ks.conv_flops
   row[INDEX["nonmatmul_bytes"]] = ks.nonmatmul_bytes
   row[INDEX["kernel_launches"]] = ks.launches
   m = _NUM_PARTITIONS.search(hlo_text)

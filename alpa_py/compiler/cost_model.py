@@ -9,10 +9,12 @@ collectives from its coefficients, so that the ILP uses it unchanged.
 
 Schema (JSON, ``to_json`` / ``from_json``)::
 
-  {"schema": 1,
+  {"schema": 2,
    "key": {"platform": "cpu", "device_kind": "cpu", "num_devices": 8,
            "jax": "0.10.2", "jaxlib": "0.10.2"},
    "features": [...FEATURES...], "coefficients": [...seconds per unit...],
+   "contention": [[1, 0.13], [2, 0.26], [4, 0.5], [8, 1.0]],
+   "collective_terms": [["all-to-all:inner", 4e-4, 1.2e-8], ...],
    "budget": 64, "pool_size": 240, "selection": "leverage", "loss": "l2",
    "train_rel_error": 0.12, "labels": {"<candidate id>": seconds, ...},
    "unmeasured": [...features no profiled program exercised...]}
@@ -30,7 +32,10 @@ import numpy as np
 
 from alpa_py.compiler.cost_features import FEATURES, INDEX, ring_bytes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# the features that are the device's own work (scaled by ``contention``)
+COMPUTE_FEATURES = ("matmul_flops", "conv_flops", "nonmatmul_bytes",
+                    "kernel_launches")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +78,18 @@ class LinearCostModel:
     labels: (candidate id, measured seconds) of every profiled program.
     unmeasured: features no profiled program exercised (their coefficients
       are filled in, not fitted).
+    contention: (d, factor) pairs: the time of the same per-device work
+      when d of the devices run it at once, over its time when all
+      ``key.num_devices`` do. 1 everywhere for devices with compute of
+      their own (GPUs); about d / num_devices for simulated devices that
+      share a host's cores, where one device alone gets all of them.
+      Compute features are scaled by it for programs on fewer devices.
+    collective_terms: (``<kind>:<link>``, seconds per collective, seconds
+      per ring byte) fitted on programs that do one resharding alone: the
+      collective *and* the copies and transposes XLA adds around it. A
+      compiled program shows those copies as kernels of its own (priced by
+      ``predict``); the ILP's graph does not, so ``collective_time`` prices
+      a collective with these terms where they were measured.
   """
 
   key: DeviceKey
@@ -85,6 +102,8 @@ class LinearCostModel:
   train_rel_error: float | None = None
   labels: tuple[tuple[str, float], ...] = ()
   unmeasured: tuple[str, ...] = ()
+  contention: tuple[tuple[int, float], ...] = ()
+  collective_terms: tuple[tuple[str, float, float], ...] = ()
 
   def __post_init__(self):
     if tuple(self.features) != FEATURES:
@@ -102,17 +121,38 @@ class LinearCostModel:
   def coef(self, name: str) -> float:
     return self.coefficients[INDEX[name]]
 
-  def predict(self, features: np.ndarray) -> np.ndarray | float:
-    """Seconds of one feature row, or of each row of a matrix."""
-    return np.asarray(features) @ np.asarray(self.coefficients)
+  def contention_factor(self, num_devices: int | None) -> float:
+    """``contention`` at ``num_devices`` (the nearest measured count; 1
+    for the calibrated count or where nothing was measured)."""
+    if not self.contention or num_devices is None:
+      return 1.0
+    d, f = min(self.contention,
+               key=lambda p: abs(math.log(p[0]) - math.log(num_devices)))
+    return f
+
+  def predict(self, features: np.ndarray,
+              num_devices: int | None = None) -> np.ndarray | float:
+    """Seconds of one feature row, or of each row of a matrix, for a
+    program on ``num_devices`` devices (None: the calibrated count)."""
+    coef = np.array(self.coefficients)
+    scale = self.contention_factor(num_devices)
+    for name in COMPUTE_FEATURES:
+      coef[INDEX[name]] *= scale
+    return np.asarray(features) @ coef
 
   # -- LogicalMesh pricing -------------------------------------------------
 
-  def compute_time(self, flops: float, nbytes: float, is_matmul: bool) -> float:
-    """One op's compute: its FLOPs (matmul) or its bytes (the others)."""
+  def compute_time(self, flops: float, nbytes: float, is_matmul: bool,
+                   is_conv: bool = False,
+                   num_devices: int | None = None) -> float:
+    """One op's compute on a mesh of ``num_devices``: its FLOPs (a matmul
+    or convolution) or its bytes (the others)."""
+    scale = self.contention_factor(num_devices)
+    if is_conv:
+      return scale * flops * self.coef("conv_flops")
     if is_matmul:
-      return flops * self.coef("matmul_flops")
-    return nbytes * self.coef("nonmatmul_bytes")
+      return scale * flops * self.coef("matmul_flops")
+    return scale * nbytes * self.coef("nonmatmul_bytes")
 
   def collective_time(self, kind: str, n: int, nbytes: float,
                       link: str) -> float:
@@ -121,6 +161,9 @@ class LinearCostModel:
     if n <= 1:
       return 0.0
     prefix = f"{kind}:{link}"
+    for name, alpha, beta in self.collective_terms:
+      if name == prefix:
+        return alpha + beta * ring_bytes(kind, n, nbytes)
     return (self.coef(prefix + ":count")
             + self.coef(prefix + ":bytes") * ring_bytes(kind, n, nbytes))
 
@@ -132,7 +175,9 @@ class LinearCostModel:
             "coefficients": list(self.coefficients), "budget": self.budget,
             "pool_size": self.pool_size, "selection": self.selection,
             "loss": self.loss, "train_rel_error": self.train_rel_error,
-            "labels": dict(self.labels), "unmeasured": list(self.unmeasured)}
+            "labels": dict(self.labels), "unmeasured": list(self.unmeasured),
+            "contention": [list(p) for p in self.contention],
+            "collective_terms": [list(t) for t in self.collective_terms]}
 
   @classmethod
   def from_json(cls, data: dict) -> "LinearCostModel":
@@ -149,4 +194,9 @@ class LinearCostModel:
                                 else float(data["train_rel_error"])),
                labels=tuple((str(k), float(v))
                             for k, v in data["labels"].items()),
-               unmeasured=tuple(str(f) for f in data["unmeasured"]))
+               unmeasured=tuple(str(f) for f in data["unmeasured"]),
+               contention=tuple((int(d), float(f))
+                                for d, f in data.get("contention", ())),
+               collective_terms=tuple(
+                   (str(k), float(a), float(b))
+                   for k, a, b in data.get("collective_terms", ())))

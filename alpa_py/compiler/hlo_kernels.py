@@ -46,14 +46,17 @@ class KernelStats:
   """What the kernels of one device's program do per step.
 
   Attributes:
-    matmul_flops: FLOPs of dot / convolution instructions.
+    matmul_flops: FLOPs of dot instructions (and GEMM library calls).
     nonmatmul_bytes: operand + result bytes of every other kernel.
     launches: kernels launched (collectives excluded).
+    conv_flops: FLOPs of convolutions (and convolution library calls):
+      kept apart because a device runs them at a rate of their own.
   """
 
   matmul_flops: float
   nonmatmul_bytes: float
   launches: int
+  conv_flops: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,24 +148,32 @@ def _gemm_flops(ins: _Instr, shapes: dict[str, str]) -> float:
   return 2.0 * c * math.sqrt(a * b / c)
 
 
-def _instr_flops(ins: _Instr, shapes: dict[str, str], comps, seen) -> float:
-  """FLOPs of a dot / convolution / GEMM call, or of those in what
-  ``ins`` calls (a fusion's body)."""
+_CONV_CALL = re.compile(r"custom_call_target=\"[^\"]*conv", re.I)
+_GEMM_CALL = re.compile(r"custom_call_target=\"[^\"]*(gemm|matmul)", re.I)
+
+
+def _instr_flops(ins: _Instr, shapes: dict[str, str], comps,
+                 seen) -> tuple[float, float]:
+  """(dot FLOPs, convolution FLOPs) of a dot / convolution / library call,
+  or of those in what ``ins`` calls (a fusion's body)."""
   if ins.opcode == "dot":
-    return _dot_flops(ins, shapes)
+    return _dot_flops(ins, shapes), 0.0
   if ins.opcode == "convolution":
-    return _conv_flops(ins, shapes)
-  if ins.opcode == "custom-call" and re.search(
-      r"custom_call_target=\"[^\"]*(gemm|matmul)", ins.rest, re.I):
-    return _gemm_flops(ins, shapes)
-  flops = 0.0
+    return 0.0, _conv_flops(ins, shapes)
+  if ins.opcode == "custom-call" and _CONV_CALL.search(ins.rest):
+    return 0.0, _conv_flops(ins, shapes)
+  if ins.opcode == "custom-call" and _GEMM_CALL.search(ins.rest):
+    return _gemm_flops(ins, shapes), 0.0
+  dot = conv = 0.0
   for callee in _CALLS.findall(ins.rest):
     if callee in comps and callee not in seen:
       body = comps[callee]
       inner = {i.name: i.shape for i in body}
-      flops += sum(_instr_flops(i, inner, comps, seen | {callee})
-                   for i in body)
-  return flops
+      for i in body:
+        d, c = _instr_flops(i, inner, comps, seen | {callee})
+        dot += d
+        conv += c
+  return dot, conv
 
 
 def _kernel_level(comps, entry: str) -> list[str]:
@@ -180,12 +191,12 @@ def _kernel_level(comps, entry: str) -> list[str]:
 
 
 def kernel_stats(hlo_text: str) -> KernelStats:
-  """Matmul FLOPs, non-matmul bytes and kernel launches of one device's
-  program, from its optimized HLO text (``compiled.as_text()``)."""
+  """Matmul and convolution FLOPs, non-matmul bytes and kernel launches of
+  one device's program, from its optimized HLO text (``compiled.as_text()``)."""
   comps, entry = _parse(hlo_text)
   if entry is None:
     return KernelStats(0.0, 0.0, 0)
-  flops, nbytes, launches = 0.0, 0.0, 0
+  flops, conv, nbytes, launches = 0.0, 0.0, 0.0, 0
   for comp in _kernel_level(comps, entry):
     shapes = {i.name: i.shape for i in comps[comp]}
     for ins in comps[comp]:
@@ -194,10 +205,11 @@ def kernel_stats(hlo_text: str) -> KernelStats:
           op == "collective-permute-start" or op == "collective-permute":
         continue
       launches += 1
-      f = _instr_flops(ins, shapes, comps, frozenset())
-      if f > 0:
+      f, c = _instr_flops(ins, shapes, comps, frozenset())
+      if f > 0 or c > 0:
         flops += f
+        conv += c
         continue
       nbytes += _nbytes(ins.shape) + sum(_nbytes(shapes.get(o, ""))
                                          for o in _operands(ins.rest))
-  return KernelStats(flops, nbytes, launches)
+  return KernelStats(flops, nbytes, launches, conv)

@@ -49,6 +49,17 @@ class AutoShardingOption:
       price of elementwise work so much that the ILP then keeps residual
       adds replicated on 2-D meshes (gathers the plan prices as one
       all-gather and XLA runs as two); on until that is priced right.
+    select_by_compiled_cost: after the ILP, also compile its plan on each
+      other logical mesh and the same pass with fewer choices (the
+      data-parallel, ZeRO-2 and ZeRO-3 layouts), price every compiled
+      program under the cost profile (``program_cost.price_program``: the
+      program as XLA fused it, with the copies around its collectives) and
+      keep the cheapest. The ILP prices a graph XLA then rewrites; this
+      compares what will run. Costs one XLA compile per candidate. None:
+      on when the profile is a calibrated model (its price of a compiled
+      program is the one that was fitted to measurements), off otherwise.
+      Only for ``ShardParallel`` with the ILP choosing the input layouts and
+      no ``mesh_shape`` or ``mesh_link_costs`` given.
   """
 
   memory_budget_per_device: float | None = None
@@ -64,6 +75,7 @@ class AutoShardingOption:
   force_zero_stage_3_all_gather_threshold: int = 0
   tie_repeated_layers: bool = True
   fusion_aware_bytes: bool = False
+  select_by_compiled_cost: bool | None = None
 
   def __post_init__(self):
     b = self.memory_budget_per_device
@@ -77,6 +89,10 @@ class AutoShardingOption:
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"AutoShardingOption.{name} (={getattr(self, name)!r}) "
                         "must be a bool")
+    if self.select_by_compiled_cost not in (None, True, False):
+      raise TypeError("AutoShardingOption.select_by_compiled_cost "
+                      f"(={self.select_by_compiled_cost!r}) must be a bool or "
+                      "None (on for a calibrated cost profile)")
     t = self.solver_time_limit_s
     if not (isinstance(t, (int, float)) and t > 0):
       raise ValueError(f"solver_time_limit_s (={t!r}) must be positive")

@@ -25,6 +25,7 @@ class ShardConfig:
       ``force_data_parallel`` here (every op's batch dim on the data axes).
     num_micro_batches: gradient-accumulation steps (1: none).
     link_costs: per mesh axis (alpha, beta), or None for the profile's.
+    mesh_fixed: the method named its mesh shape (no other mesh is tried).
   """
 
   method_name: str
@@ -33,6 +34,7 @@ class ShardConfig:
   option: AutoShardingOption
   num_micro_batches: int
   link_costs: tuple[tuple[float, float], ...] | None = None
+  mesh_fixed: bool = False
 
   @classmethod
   def resolve(cls, method: ShardParallel, num_devices: int) -> "ShardConfig":
@@ -45,7 +47,8 @@ class ShardConfig:
       option = dataclasses.replace(option, force_data_parallel=True)
     return cls(type(method).__name__, method.layout,
                tuple(method.mesh_shapes(num_devices)), option,
-               method.num_micro_batches or 1, method.mesh_link_costs)
+               method.num_micro_batches or 1, method.mesh_link_costs,
+               method.mesh_shape is not None)
 
   @property
   def forbidden_collectives(self) -> frozenset[str]:

@@ -80,6 +80,10 @@ class ShardingPlan:
       combiners would merge them.
     compiled_collectives: (kind, count) in the compiled step's HLO (empty
       where not counted, e.g. for an accumulating step).
+    compiled_step_seconds: the profile's price of the compiled program
+      (``program_cost``), where the plan was chosen by it.
+    alternatives: (candidate, compiled price in seconds) of every program
+      compared with ``select_by_compiled_cost``, this one included.
   """
 
   method: str
@@ -94,6 +98,8 @@ class ShardingPlan:
   estimated_peak_bytes: float
   predicted_collectives: tuple[tuple[str, int], ...] = ()
   compiled_collectives: tuple[tuple[str, int], ...] = ()
+  compiled_step_seconds: float | None = None
+  alternatives: tuple[tuple[str, float], ...] = ()
 
   @property
   def collective_mismatch(self) -> dict[str, tuple[int, int]]:
@@ -118,6 +124,11 @@ class ShardingPlan:
              f"profile {self.cost_profile}",
              f"  predicted step {self.predicted_step_seconds * 1e3:.3f} ms, "
              f"estimated peak {self.estimated_peak_bytes / 2**20:.2f} MiB/device"]
+    if self.alternatives:
+      lines.append(f"  compiled program priced {self.compiled_step_seconds * 1e3:.3f}"
+                   " ms; chosen by compiled price among: " + ", ".join(
+                       f"{name} {sec * 1e3:.3f} ms"
+                       for name, sec in self.alternatives))
     if self.predicted_collectives:
       lines.append("  collectives (predicted / compiled): " + ", ".join(
           f"{k} {n}/{dict(self.compiled_collectives).get(k, '-')}"

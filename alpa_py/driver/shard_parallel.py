@@ -37,6 +37,7 @@ from alpa_py.compiler.lowering import io_shardings, make_step_fn
 from alpa_py.compiler.program import Task, make_mesh
 from alpa_py.compiler.strategies.spec import FORBIDDEN_PENALTY
 from alpa_py.compiler.surcharge import new_surcharges
+from alpa_py.driver import compiled_selection
 from alpa_py.driver.config import ShardConfig
 from alpa_py.driver.executable import Executable
 from alpa_py.driver.layout import check_batch_divisible, input_specs
@@ -285,18 +286,24 @@ def compile_shard_parallel(fun: Callable, sig: Signature, config: ShardConfig,
   traced = trace_step(fun, sig, config.num_micro_batches)
   control_flow.warn_replicated(traced.graph)
 
-  solved: dict = {}
+  def compile_config(cfg: ShardConfig) -> CompiledStep:
+    solved: dict = {}
 
-  def compile_once(ilp_budget):
-    return with_collective_replans(
-        lambda charges: plan_step(traced, sig, config, ilp_budget, charges,
-                                  solved),
-        lambda planned: lower_and_compile(traced, planned, sig, config,
-                                          t_start),
-        lambda planned, step: describe(traced, planned, sig, config,
-                                       step.task, step.mesh, t_start),
-        traced, config)
+    def compile_once(ilp_budget):
+      return with_collective_replans(
+          lambda charges: plan_step(traced, sig, cfg, ilp_budget, charges,
+                                    solved),
+          lambda planned: lower_and_compile(traced, planned, sig, cfg,
+                                            t_start),
+          lambda planned, step: describe(traced, planned, sig, cfg,
+                                         step.task, step.mesh, t_start),
+          traced, cfg)
 
-  step = with_budget_retry(compile_once, config.memory_budget)
+    return with_budget_retry(compile_once, cfg.memory_budget)
+
+  if compiled_selection.selects(config):
+    step = compiled_selection.select(compile_config, config, len(sig.devices))
+  else:
+    step = compile_config(config)
   return Executable(step.task, step.plan, step.mesh, step.stats,
                     traced.out_tree, backend, sig)

@@ -168,6 +168,19 @@ def is_array_leaf(x) -> bool:
                     ) and not isinstance(x, (str, bool))
 
 
+def as_input(leaf):
+  """An array leaf as the step receives it: arrays as they are; NumPy arrays
+  and Python or NumPy scalars as strongly typed arrays of their default
+  dtype, so that feeding a step's outputs back (e.g. the state's step
+  counter) does not change the signature and recompile. The fast dispatch
+  path (``fast_dispatch``) converts with this same function, so that both
+  paths hand the executable the same inputs."""
+  if isinstance(leaf, (jax.Array, DistributedArray, jax.ShapeDtypeStruct)):
+    return leaf
+  return jax.numpy.asarray(
+      leaf, dtype=jax.dtypes.canonicalize_dtype(np.result_type(leaf)))
+
+
 def normalize_argnums(name: str, value) -> tuple[int, ...]:
   """An ``*_argnums`` option as a tuple of ints (checked)."""
   if value is None:
@@ -240,14 +253,7 @@ def make_signature(args: Sequence[Any], *, static: tuple[int, ...],
       if k in held:
         static_leaves.append((name, held[k]))
         continue
-      if not isinstance(leaf, (jax.Array, DistributedArray,
-                               jax.ShapeDtypeStruct)):
-        # Python scalars become strongly typed arrays of their default
-        # dtype, so that feeding a step's outputs back (e.g. the state's
-        # step counter) does not change the signature and recompile.
-        leaf = jax.numpy.asarray(
-            leaf, dtype=jax.dtypes.canonicalize_dtype(np.result_type(leaf)))
-      leaves.append(leaf)
+      leaves.append(as_input(leaf))
       owners.append(n)
       paths.append(name)
     treedefs.append(treedef)

@@ -10,6 +10,7 @@ kind. The Ray backend is ``ray_cluster.RayCluster``.
 from __future__ import annotations
 
 import itertools
+import operator
 from typing import Any, Protocol, Sequence
 
 import jax
@@ -65,23 +66,74 @@ def blocks(devices) -> bool:
   return all(d.platform == "cpu" for d in devices)
 
 
+_IS_DELETED = operator.methodcaller("is_deleted")
+
+
+def check_live(leaves, shardings) -> None:
+  """Raises JAX's own error (``RuntimeError: Array has been deleted``) for an
+  input whose buffer was deleted or donated to an earlier call.
+
+  Needed before the C++ dispatch: on XLA:CPU, a donated buffer passed again
+  to a sharded executable whose signature JAX's C++ path has cached crashes
+  the process instead of raising (JAX 0.10).
+  """
+  try:
+    dead = any(map(_IS_DELETED, leaves))
+  except AttributeError:  # not all arrays: placement reports those
+    dead = False
+  if dead:
+    for x, s in zip(leaves, shardings):
+      if isinstance(x, jax.Array) and x.is_deleted():
+        jax.device_put(x, s)  # raises JAX's RuntimeError for a deleted array
+    raise RuntimeError("an input array has been deleted or donated")
+
+
 class LocalStepRunner:
-  """Runs one compiled SPMD program on this process's devices."""
+  """Runs one compiled SPMD program on this process's devices.
+
+  Inputs go straight to the ``Compiled`` object, i.e. through JAX's C++
+  dispatch, which checks each input's shape, dtype and sharding without a
+  Python loop and moves uncommitted arrays itself. An input committed to
+  another sharding makes the call raise ``ValueError`` before anything
+  runs (nothing is donated); only then are the inputs placed with
+  ``device_put`` and the call made again, with the same program (no
+  recompile).
+  """
 
   def __init__(self, task: Task):
     self.task = task
+    self._compiled = task.compiled
     self._block = blocks(task.in_shardings[0].mesh.devices.flat) \
         if task.in_shardings else False
 
-  def call_flat(self, leaves) -> list:
-    placed = []
+  def _placed(self, leaves) -> list | None:
+    """The inputs, each in its planned sharding; None if all already were."""
+    placed, moved = [], False
     for x, s in zip(leaves, self.task.in_shardings):
       if not (isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim)):
         x = jax.device_put(x, s)
+        moved = True
       placed.append(x)
-    outs = self.task.compiled(*placed)
-    if self._block:
-      jax.block_until_ready(outs)
+    return placed if moved else None
+
+  def call_flat(self, leaves) -> list:
+    check_live(leaves, self.task.in_shardings)
+    try:
+      outs = self._compiled(*leaves)
+    except ValueError:
+      placed = self._placed(leaves)
+      if placed is None:  # not a placement problem: JAX's error stands
+        raise
+      outs = self._compiled(*placed)
+    if self._block and outs:
+      # One output stands for all: each output spans every device of the
+      # mesh, and on XLA:CPU the outputs of a device's execution are defined
+      # by that execution's completion, so the step has finished everywhere
+      # once it is ready. Were some output of a device later, the throttle
+      # would still hold: at most this step stays in flight beside the next.
+      # (Walking all outputs costs ~0.15 ms per 800 leaves, ~5% of a small
+      # step's whole dispatch.)
+      outs[0].block_until_ready()
     return list(outs)
 
 

@@ -40,6 +40,7 @@ class LoopNest:
       forbids splitting them.
     labels: a short name per loop dim, for printing plans.
     is_matmul: whether the op's work is priced as matmul FLOPs (else bytes).
+    is_conv: a convolution: its FLOPs priced at the convolution rate.
   """
 
   sizes: tuple[int, ...]
@@ -49,6 +50,7 @@ class LoopNest:
   reduction: str | None = None
   labels: tuple[str, ...] | None = None
   is_matmul: bool = False
+  is_conv: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +119,7 @@ def enumerate_strategies(nest: LoopNest, in_infos: Sequence[TensorInfo | None],
   choices = [None] + [d for d, ok in enumerate(nest.shardable) if ok]
   out_dims = {d for m in nest.out_maps for d in m if d is not None}
   labels = nest.labels or tuple(f"l{d}" for d in range(len(nest.sizes)))
-  base_compute = mesh.compute(flops, nbytes, nest.is_matmul)
+  base_compute = mesh.compute(flops, nbytes, nest.is_matmul, nest.is_conv)
   found: dict[tuple, Strategy] = {}
 
   def add(strategy: Strategy):

@@ -251,4 +251,5 @@ def conv_rule(op, ins, outs):
   return LoopNest(sizes=tuple(sizes), shardable=tuple(shardable),
                   in_maps=(tuple(lmap), tuple(rmap)), out_maps=(tuple(omap),),
                   reduction="sum", labels=("n", "o", "c") +
-                  tuple(f"s{k}" for k in range(n_sp)), is_matmul=True)
+                  tuple(f"s{k}" for k in range(n_sp)), is_matmul=True,
+                  is_conv=True)
