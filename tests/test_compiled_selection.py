@@ -63,8 +63,9 @@ def test_the_cheapest_compiled_program_is_kept_and_equals_jit(collective_scale):
   f, ex = _compile(cost_profile=profile)
   plan = ex.plan
   names = [n for n, _ in plan.alternatives]
-  assert names[0].startswith("ilp ") and names[1:] == [
-      "data-parallel", "zero2", "zero3"]
+  assert names[0].startswith("ilp (") and \
+      names[1].startswith("ilp batch-split (") and names[2:] == [
+          "data-parallel", "zero2", "zero3"]
   prices = dict(plan.alternatives)
   assert plan.compiled_step_seconds == min(prices.values())
   assert price_program(ex.hlo_text(), profile).seconds == pytest.approx(

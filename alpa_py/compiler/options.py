@@ -49,8 +49,8 @@ class AutoShardingOption:
       price of elementwise work so much that the ILP then keeps residual
       adds replicated on 2-D meshes (gathers the plan prices as one
       all-gather and XLA runs as two); on until that is priced right.
-    select_by_compiled_cost: after the ILP, also compile its plan on each
-      other logical mesh and the same pass with fewer choices (the
+    select_by_compiled_cost: after the ILP, also compile the ILP with the
+      batch kept on mesh axis 0 and the same pass with fewer choices (the
       data-parallel, ZeRO-2 and ZeRO-3 layouts), price every compiled
       program under the cost profile (``program_cost.price_program``: the
       program as XLA fused it, with the copies around its collectives) and

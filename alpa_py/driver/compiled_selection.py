@@ -5,10 +5,12 @@ The ILP prices a traced graph op by op; XLA then fuses elementwise chains,
 merges collectives and adds copies around reshardings. Where the profile is
 a calibrated model, its price of a compiled program is what was fitted to
 measured programs, so it is the better judge of two plans. The candidates
-are the ILP's plan (on the logical mesh its objective chose) and the same
-pass with fewer choices (the inputs in the data-parallel, ZeRO-2 and ZeRO-3
-layouts); each is compiled as it would be on its own, and the cheapest is
-kept.
+are the ILP's plan (on the logical mesh its objective chose), the ILP with
+every batch dim kept on the first mesh axis (Alpa's
+``force_batch_dim_to_mesh_dim=0``: data parallel, with the ILP free on the
+ops that have no batch dim, such as experts), and the same pass with fewer
+choices (the inputs in the data-parallel, ZeRO-2 and ZeRO-3 layouts); each
+is compiled as it would be on its own, and the cheapest is kept.
 """
 
 from __future__ import annotations
@@ -40,9 +42,13 @@ def selects(config: ShardConfig) -> bool:
 
 def candidate_configs(config: ShardConfig,
                       num_devices: int) -> list[tuple[str, ShardConfig]]:
-  """(name, config) of every candidate: the ILP as configured, then the
-  constrained layouts on (n,)."""
+  """(name, config) of every candidate: the ILP as configured, the ILP
+  with the batch on mesh axis 0, then the constrained layouts on (n,)."""
   out = [("ilp", config)]
+  if config.option.force_batch_dim_to_mesh_dim is None:
+    out.append(("ilp batch-split", dataclasses.replace(
+        config, option=dataclasses.replace(config.option,
+                                           force_batch_dim_to_mesh_dim=0))))
   for name, layout, reduce_scatter in _LAYOUTS:
     option = dataclasses.replace(config.option, force_data_parallel=True,
                                  prefer_reduce_scatter=reduce_scatter)
@@ -69,9 +75,16 @@ def select(compile_config: Callable, config: ShardConfig, num_devices: int):
       first_error = first_error or e
       _progress.log(f"compiled-cost selection: {name} has no plan ({e})")
       continue
+    except ValueError as e:
+      if name == "ilp":
+        raise  # the user's own configuration: its error stands
+      # e.g. a batch that the mesh axis the candidate splits it on does not
+      # divide: that candidate is not a plan here
+      _progress.log(f"compiled-cost selection: {name} does not apply ({e})")
+      continue
     seconds = price_program(step.task.hlo_text(), profile).seconds
-    if name == "ilp":
-      name = f"ilp {tuple(step.plan.mesh_shape)}"
+    if name.startswith("ilp"):
+      name = f"{name} {tuple(step.plan.mesh_shape)}"
     _progress.log(f"compiled-cost selection: {name} priced "
                   f"{seconds * 1e3:.3f} ms (ILP objective "
                   f"{step.plan.predicted_step_seconds * 1e3:.3f} ms)")
