@@ -100,3 +100,23 @@ def test_a_named_mesh_is_not_second_guessed():
 def test_a_bad_value_is_refused():
   with pytest.raises(TypeError, match="select_by_compiled_cost"):
     alpa_py.AutoShardingOption(select_by_compiled_cost="yes")
+
+
+def test_candidates_that_cannot_split_the_batch_are_skipped():
+  # a batch of 4 rows: no 8-way data-parallel candidate applies; the ILP's
+  # own plan stands, alone
+  params, x, y = _args()
+  x, y = x[:4], y[:4]
+  opt = alpa_py.AutoShardingOption(cost_profile=_profile())
+  f = alpa_py.parallelize(_step, method=alpa_py.ShardParallel(
+      auto_sharding_option=opt), batch_argnums=(1, 2))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", alpa_py.PlanMismatchWarning)
+    ex = f.get_executable(params, x, y)
+    out = f(params, x, y)
+  names = [n for n, _ in ex.plan.alternatives]
+  assert names and names[0].startswith("ilp (")
+  assert not {"data-parallel", "zero2", "zero3"} & set(names)
+  ref = jax.jit(_step)(params, x, y)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
