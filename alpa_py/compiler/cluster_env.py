@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from alpa_py import _progress
 from alpa_py.compiler import calibration
+from alpa_py.compiler.cost_features import ring_bytes, ring_steps
 from alpa_py.compiler.cost_model import LinearCostModel
 
 GiB = 1 << 30
@@ -334,45 +335,28 @@ class LogicalMesh:
       return self.profile.inter_alpha, self.profile.inter_beta
     return self.profile.intra_alpha, self.profile.intra_beta
 
-  # Ring collectives: an all-reduce takes 2(n-1) steps, an all-gather or a
-  # reduce-scatter n-1; each collective also pays one alpha to start, so that
-  # one all-reduce is cheaper than the reduce-scatter + all-gather it equals.
+  def _collective(self, kind: str, nbytes: float, axis: int) -> float:
+    """One ring collective along ``axis`` (``cost_features.ring_steps`` /
+    ``ring_bytes``), or the calibrated model's time for it."""
+    n = self.shape[axis]
+    if n == 1:
+      return 0.0
+    if self._model is not None:
+      return self._model.collective_time(kind, n, nbytes, self.link(axis))
+    a, b = self._alpha_beta(axis)
+    return a * ring_steps(kind, n) + b * ring_bytes(kind, n, nbytes)
 
   def all_reduce(self, nbytes: float, axis: int) -> float:
-    n = self.shape[axis]
-    if n == 1:
-      return 0.0
-    if self._model is not None:
-      return self._model.collective_time("all-reduce", n, nbytes,
-                                         self.link(axis))
-    a, b = self._alpha_beta(axis)
-    return a * (2 * n - 1) + b * 2.0 * (n - 1) / n * nbytes
+    return self._collective("all-reduce", nbytes, axis)
 
   def all_gather(self, out_bytes: float, axis: int) -> float:
-    n = self.shape[axis]
-    if n == 1:
-      return 0.0
-    if self._model is not None:
-      return self._model.collective_time("all-gather", n, out_bytes,
-                                         self.link(axis))
-    a, b = self._alpha_beta(axis)
-    return a * n + b * (n - 1) / n * out_bytes
+    return self._collective("all-gather", out_bytes, axis)
 
   def reduce_scatter(self, in_bytes: float, axis: int) -> float:
-    if self._model is not None and self.shape[axis] > 1:
-      return self._model.collective_time("reduce-scatter", self.shape[axis],
-                                         in_bytes, self.link(axis))
-    return self.all_gather(in_bytes, axis)
+    return self._collective("reduce-scatter", in_bytes, axis)
 
   def all_to_all(self, nbytes: float, axis: int) -> float:
-    n = self.shape[axis]
-    if n == 1:
-      return 0.0
-    if self._model is not None:
-      return self._model.collective_time("all-to-all", n, nbytes,
-                                         self.link(axis))
-    a, b = self._alpha_beta(axis)
-    return a * n + b * (n - 1) / (n * n) * nbytes * n / 2
+    return self._collective("all-to-all", nbytes, axis)
 
   def compute(self, flops: float, nbytes: float, is_matmul: bool,
               is_conv: bool = False) -> float:

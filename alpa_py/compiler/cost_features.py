@@ -61,6 +61,20 @@ def ring_bytes(kind: str, n: int, nbytes: float) -> float:
   return (n - 1) / n * nbytes
 
 
+def ring_steps(kind: str, n: int) -> int:
+  """Latency terms (alphas) of a ring collective of ``n`` devices: an
+  all-reduce takes 2(n-1) steps, the others n-1 (a collective-permute one),
+  and each collective pays one more alpha to start, so that one all-reduce
+  is cheaper than the reduce-scatter + all-gather it equals."""
+  if n <= 1:
+    return 0
+  if kind == "all-reduce":
+    return 2 * n - 1
+  if kind == "collective-permute":
+    return 1
+  return n
+
+
 def _ints(text: str) -> list[int]:
   return [int(v) for v in text.split(",") if v.strip()]
 
@@ -113,6 +127,12 @@ def link_of(group: list[int]) -> str:
   return "inner" if max(group) - min(group) + 1 == len(group) else "outer"
 
 
+def num_partitions(hlo_text: str) -> int:
+  """The device count of a compiled SPMD program (1 if unpartitioned)."""
+  m = _NUM_PARTITIONS.search(hlo_text)
+  return int(m.group(1)) if m else 1
+
+
 def program_features(hlo_text: str) -> np.ndarray:
   """The feature row (``FEATURES``) of one compiled SPMD program.
 
@@ -126,8 +146,7 @@ def program_features(hlo_text: str) -> np.ndarray:
   row[INDEX["conv_flops"]] = ks.conv_flops
   row[INDEX["nonmatmul_bytes"]] = ks.nonmatmul_bytes
   row[INDEX["kernel_launches"]] = ks.launches
-  m = _NUM_PARTITIONS.search(hlo_text)
-  num_devices = int(m.group(1)) if m else 1
+  num_devices = num_partitions(hlo_text)
   for c in collectives(hlo_text):
     group = group_members(c.replica_groups, num_devices)[0]
     n = len(group)

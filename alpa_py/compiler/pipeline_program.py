@@ -186,32 +186,27 @@ class PipelineProgram:
     return out
 
   @functools.cached_property
-  def producer(self) -> dict[int, int]:
-    """Tensor id -> the stage whose program outputs it (per micro-batch
-    tensors: the forward or backward; per-step ones: the stage-local update
-    programs and the combine; the whole-mesh update: -1)."""
+  def _made_by(self) -> dict[int, tuple[int, str]]:
+    """Tensor id -> (stage, kind) of the first program that outputs it."""
     out = {}
     for s, kind, task in self.all_tasks():
       if kind != "R":
         for t in task.out_ids:
-          out.setdefault(t, s)
+          out.setdefault(t, (s, kind))
     return out
 
   @functools.cached_property
-  def producer_kind(self) -> dict[int, str]:
-    """Tensor id -> the kind of the program that outputs it."""
-    out = {}
-    for _, kind, task in self.all_tasks():
-      if kind != "R":
-        for t in task.out_ids:
-          out.setdefault(t, kind)
-    return out
+  def producer(self) -> dict[int, int]:
+    """Tensor id -> the stage whose program outputs it (per micro-batch
+    tensors: the forward or backward; per-step ones: the stage-local update
+    programs and the combine; the whole-mesh update: -1)."""
+    return {t: s for t, (s, _) in self._made_by.items()}
 
   def tensor_kind(self, t: int, micro_batch: int | None,
                   nbytes: int) -> TensorKind:
     """What ``t`` is, where it crosses a stage boundary."""
     if micro_batch is not None:
-      if self.producer_kind.get(t) == TaskKind.BACKWARD.value:
+      if self._made_by.get(t, (None, None))[1] == TaskKind.BACKWARD.value:
         return TensorKind.ACTIVATION_GRADIENT
       return TensorKind.ACTIVATION
     if nbytes <= SMALL_BYTES:

@@ -19,19 +19,18 @@ will run:
 from __future__ import annotations
 
 import dataclasses
-import re
+
+import numpy as np
 
 from alpa_py.compiler.cluster_env import CostProfile
-from alpa_py.compiler.cost_features import (group_members, program_features,
-                                            ring_bytes, INDEX)
+from alpa_py.compiler.cost_features import (INDEX, group_members,
+                                            num_partitions, program_features,
+                                            ring_bytes, ring_steps)
+from alpa_py.compiler.cost_model import COMPUTE_FEATURES
 from alpa_py.compiler.hlo_kernels import kernel_stats
 from alpa_py.compiler.hlo_stats import collectives
 
-_NUM_PARTITIONS = re.compile(r"num_partitions=(\d+)")
-# ring steps (alpha terms) per collective of n devices
-_STEPS = {"all-reduce": lambda n: 2 * n - 1, "all-gather": lambda n: n,
-          "reduce-scatter": lambda n: n, "all-to-all": lambda n: n,
-          "collective-permute": lambda n: 1}
+_KERNEL_FEATURES = [INDEX[f] for f in ("fixed",) + COMPUTE_FEATURES]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,22 +48,17 @@ class ProgramCost:
   communication: float
 
 
-def num_partitions(hlo_text: str) -> int:
-  m = _NUM_PARTITIONS.search(hlo_text)
-  return int(m.group(1)) if m else 1
-
-
 def price_program(hlo_text: str, profile: CostProfile) -> ProgramCost:
   """The profile's price of a compiled program (see the module doc)."""
   n_dev = num_partitions(hlo_text)
   model = profile.model
   if model is not None:
     row = program_features(hlo_text)
-    comm = row.copy()
-    comm[:INDEX["kernel_launches"] + 1] = 0.0
+    kernels = np.zeros_like(row)
+    kernels[_KERNEL_FEATURES] = row[_KERNEL_FEATURES]
     total = float(model.predict(row, n_dev))
-    communication = float(model.predict(comm, n_dev))
-    return ProgramCost(total, total - communication, communication)
+    compute = float(model.predict(kernels, n_dev))
+    return ProgramCost(total, compute, total - compute)
   ks = kernel_stats(hlo_text)
   compute = (ks.matmul_flops / profile.flops_per_s
              + ks.conv_flops / (profile.conv_flops_per_s or profile.flops_per_s)
@@ -80,6 +74,6 @@ def price_program(hlo_text: str, profile: CostProfile) -> ProgramCost:
     alpha = profile.inter_alpha if inter else profile.intra_alpha
     beta = profile.inter_beta if inter else profile.intra_beta
     for kind, nbytes in c.kind_bytes:
-      communication += (alpha * _STEPS[kind](n)
+      communication += (alpha * ring_steps(kind, n)
                         + beta * ring_bytes(kind, n, nbytes))
   return ProgramCost(compute + communication, compute, communication)
