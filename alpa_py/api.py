@@ -101,7 +101,7 @@ class ParallelizedFunc:
       # an inferred batch is a function of the rest of the key: the key
       # holds the signature before inference, so a call never infers
       ex = driver.compile_step(self.fun, self._with_batch(sig), self.method,
-                               backend)
+                               backend, leaves)
       self._cache[key] = ex
       dump_dir = os.environ.get("ALPA_PY_DUMP_DIR")
       if dump_dir:

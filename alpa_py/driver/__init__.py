@@ -20,9 +20,12 @@ from alpa_py.runtime.backend import Backend
 
 def compile_step(fun: Callable, sig: Signature,
                  method: ShardParallel | PipeshardParallel,
-                 backend: Backend) -> Executable | PipeshardExecutable:
-  """Compiles ``fun`` for ``sig`` under ``method``, loaded on ``backend``."""
+                 backend: Backend,
+                 leaves=None) -> Executable | PipeshardExecutable:
+  """Compiles ``fun`` for ``sig`` under ``method``, loaded on ``backend``
+  (``leaves``: the call's flat arguments, for a selection that times its
+  candidates)."""
   if isinstance(method, PipeshardParallel):
     return compile_pipeshard(fun, sig, method, backend)
   config = ShardConfig.resolve(method, len(sig.devices))
-  return compile_shard_parallel(fun, sig, config, backend)
+  return compile_shard_parallel(fun, sig, config, backend, leaves)

@@ -1,5 +1,6 @@
 """Choosing among compiled programs by the cost profile's price of each
-(``AutoShardingOption.select_by_compiled_cost``).
+(``AutoShardingOption.select_by_compiled_cost``), and by timing the
+cheapest of them (``measure_candidates``).
 
 The ILP prices a traced graph op by op; XLA then fuses elementwise chains,
 merges collectives and adds copies around reshardings. Where the profile is
@@ -8,9 +9,14 @@ measured programs, so it is the better judge of two plans. The candidates
 are the ILP's plan (on the logical mesh its objective chose), the ILP with
 every batch dim kept on the first mesh axis (Alpa's
 ``force_batch_dim_to_mesh_dim=0``: data parallel, with the ILP free on the
-ops that have no batch dim, such as experts), and the same pass with fewer
-choices (the inputs in the data-parallel, ZeRO-2 and ZeRO-3 layouts); each
-is compiled as it would be on its own, and the cheapest is kept.
+ops that have no batch dim, such as experts), both with only the step's
+inputs and outputs pinned to the ILP's layouts (XLA's sharding propagation
+lays out the rest: it may shard a dispatch or a gradient more cheaply than
+the plan's op-by-op layouts), the propagated two on the ILP's runner-up
+mesh, and the same pass with fewer choices (the inputs in the
+data-parallel, ZeRO-2 and ZeRO-3 layouts); each is compiled as it would be
+on its own, and the cheapest is kept (or the fastest measured of the
+cheapest few).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from alpa_py import _progress
 from alpa_py.compiler.auto_sharding import InfeasiblePlanError
 from alpa_py.compiler.cluster_env import get_profile
 from alpa_py.compiler.program_cost import price_program
+from alpa_py.driver import candidate_timing
 from alpa_py.driver.config import ShardConfig
 from alpa_py.methods import InputLayout
 
@@ -40,15 +47,64 @@ def selects(config: ShardConfig) -> bool:
       not config.mesh_fixed and config.link_costs is None
 
 
-def candidate_configs(config: ShardConfig,
-                      num_devices: int) -> list[tuple[str, ShardConfig]]:
-  """(name, config) of every candidate: the ILP as configured, the ILP
-  with the batch on mesh axis 0, then the constrained layouts on (n,)."""
-  out = [("ilp", config)]
-  if config.option.force_batch_dim_to_mesh_dim is None:
-    out.append(("ilp batch-split", dataclasses.replace(
-        config, option=dataclasses.replace(config.option,
-                                           force_batch_dim_to_mesh_dim=0))))
+def _distinct_meshes(candidates) -> list[tuple[int, ...]]:
+  """The ILP's meshes, cheapest objective first, one per shape of its
+  non-trivial axes ((8, 1) and (1, 8) are one)."""
+  out, seen = [], set()
+  for shape, _ in sorted(candidates, key=lambda c: c[1]):
+    key = tuple(d for d in shape if d > 1)
+    if key not in seen:
+      seen.add(key)
+      out.append(tuple(shape))
+  return out
+
+
+def _on_mesh(config: ShardConfig, shape) -> ShardConfig:
+  return dataclasses.replace(config, mesh_shapes=(tuple(shape),),
+                             mesh_fixed=True)
+
+
+def _batch_split(config: ShardConfig) -> ShardConfig:
+  return dataclasses.replace(config, option=dataclasses.replace(
+      config.option, force_batch_dim_to_mesh_dim=0))
+
+
+# meshes (cheapest ILP objective first) whose batch-split propagated
+# candidate is compiled
+PROPAGATED_MESHES = 3
+
+
+def ilp_variants(config: ShardConfig, meshes) -> list[tuple[str, ShardConfig]]:
+  """(name, config) of the ILP's other candidates, given its meshes
+  cheapest first (the first is the one the plain ILP compiled): the ILP
+  with the batch on mesh axis 0 on that mesh, and on each of the
+  ``PROPAGATED_MESHES`` cheapest meshes the same with only the inputs and
+  outputs pinned (XLA's propagation lays out the rest). Without the batch
+  split, propagation from the ILP's inputs alone loses the batch layout of
+  the activations (priced 1.6-2x the constrained plan on the suite's GPT
+  and MoE), so that form is not compiled."""
+  if config.option.force_batch_dim_to_mesh_dim is not None:
+    return []
+  out = []
+  for rank, shape in enumerate(meshes[:PROPAGATED_MESHES]):
+    # the batch goes on axis 0: of (1, n) that is (n, 1)
+    wide = shape if shape[0] > 1 else tuple(reversed(shape))
+    if wide[0] == 1:
+      continue
+    cfg = _batch_split(_on_mesh(config, wide))
+    if rank == 0:
+      out.append(("ilp batch-split", cfg))
+    out.append(("ilp batch-split propagated",
+                dataclasses.replace(cfg, propagate=True)))
+
+  return out
+
+
+def layout_variants(config: ShardConfig,
+                    num_devices: int) -> list[tuple[str, ShardConfig]]:
+  """(name, config) of the same pass with fewer choices: the inputs in the
+  data-parallel, ZeRO-2 and ZeRO-3 layouts on (n,)."""
+  out = []
   for name, layout, reduce_scatter in _LAYOUTS:
     option = dataclasses.replace(config.option, force_data_parallel=True,
                                  prefer_reduce_scatter=reduce_scatter)
@@ -58,42 +114,83 @@ def candidate_configs(config: ShardConfig,
   return out
 
 
-def select(compile_config: Callable, config: ShardConfig, num_devices: int):
+def _compile(compile_config, name, cfg, profile):
+  """(price, name, step) of one candidate, or the error that rules it out."""
+  try:
+    step = compile_config(cfg)
+  except InfeasiblePlanError as e:
+    _progress.log(f"compiled-cost selection: {name} has no plan ({e})")
+    return e
+  except ValueError as e:
+    if name == "ilp":
+      raise  # the user's own configuration: its error stands
+    # e.g. a batch that the mesh axis the candidate splits it on does not
+    # divide: that candidate is not a plan here
+    _progress.log(f"compiled-cost selection: {name} does not apply ({e})")
+    return None
+  seconds = price_program(step.task.hlo_text(), profile).seconds
+  if name.startswith("ilp"):
+    name = f"{name} {tuple(step.plan.mesh_shape)}"
+  _progress.log(f"compiled-cost selection: {name} priced "
+                f"{seconds * 1e3:.3f} ms (ILP objective "
+                f"{step.plan.predicted_step_seconds * 1e3:.3f} ms)")
+  return seconds, name, step
+
+
+# candidates timed when ``measure_candidates`` is None
+DEFAULT_MEASURED = 3
+
+
+def measured_count(config: ShardConfig) -> int:
+  m = config.option.measure_candidates
+  return DEFAULT_MEASURED if m is None else m
+
+
+def select(compile_config: Callable, config: ShardConfig, num_devices: int,
+           leaves=None, donated=()):
   """Compiles every candidate with ``compile_config(config)`` (a
-  ``CompiledStep``) and returns the cheapest under the profile, its plan
-  carrying every candidate's price.
+  ``CompiledStep``) and returns the cheapest under the profile (or, given
+  the call's concrete ``leaves``, the fastest measured of the cheapest
+  ``measure_candidates``), its plan carrying every candidate's figures.
 
   Raises:
     InfeasiblePlanError: no candidate has a plan (the first one's error).
   """
   profile = get_profile(config.option.cost_profile)
-  priced, first_error = [], None
-  for name, cfg in candidate_configs(config, num_devices):
-    try:
-      step = compile_config(cfg)
-    except InfeasiblePlanError as e:
-      first_error = first_error or e
-      _progress.log(f"compiled-cost selection: {name} has no plan ({e})")
-      continue
-    except ValueError as e:
-      if name == "ilp":
-        raise  # the user's own configuration: its error stands
-      # e.g. a batch that the mesh axis the candidate splits it on does not
-      # divide: that candidate is not a plan here
-      _progress.log(f"compiled-cost selection: {name} does not apply ({e})")
-      continue
-    seconds = price_program(step.task.hlo_text(), profile).seconds
-    if name.startswith("ilp"):
-      name = f"{name} {tuple(step.plan.mesh_shape)}"
-    _progress.log(f"compiled-cost selection: {name} priced "
-                  f"{seconds * 1e3:.3f} ms (ILP objective "
-                  f"{step.plan.predicted_step_seconds * 1e3:.3f} ms)")
-    priced.append((seconds, name, step))
+  priced, errors = [], []
+  first = _compile(compile_config, "ilp", config, profile)
+  todo = layout_variants(config, num_devices)
+  if isinstance(first, tuple):
+    priced.append(first)
+    meshes = _distinct_meshes(first[2].planned.candidates)
+    todo = ilp_variants(config, meshes) + todo
+  else:
+    errors.append(first)
+  for name, cfg in todo:
+    got = _compile(compile_config, name, cfg, profile)
+    if isinstance(got, tuple):
+      priced.append(got)
+    elif got is not None:
+      errors.append(got)
   if not priced:
-    raise first_error
-  seconds, name, best = min(priced, key=lambda p: p[0])
+    raise next(e for e in errors if e is not None)
+  priced.sort(key=lambda p: p[0])
+  seconds, name, best = priced[0]
+  measured = ()
+  k = measured_count(config)
+  if k > 0 and len(priced) > 1 and leaves is not None and \
+      candidate_timing.concrete(leaves):
+    timed = {n: step.task for _, n, step in priced[:k]}
+    with _progress.step(f"compiled-cost selection: timing the {len(timed)} "
+                        "cheapest on the devices"):
+      times = candidate_timing.time_tasks(timed, leaves, donated)
+    measured = tuple(sorted(times.items(), key=lambda kv: kv[1]))
+    name = measured[0][0]
+    seconds, _, best = next(p for p in priced if p[1] == name)
+    _progress.log("compiled-cost selection: measured " + ", ".join(
+        f"{n} {t * 1e3:.3f} ms" for n, t in measured))
   _progress.log(f"compiled-cost selection: keeping {name}")
   plan = dataclasses.replace(
       best.plan, compiled_step_seconds=seconds,
-      alternatives=tuple((n, s) for s, n, _ in priced))
+      alternatives=tuple((n, s) for s, n, _ in priced), measured=measured)
   return dataclasses.replace(best, plan=plan)

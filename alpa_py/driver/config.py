@@ -26,6 +26,10 @@ class ShardConfig:
     num_micro_batches: gradient-accumulation steps (1: none).
     link_costs: per mesh axis (alpha, beta), or None for the profile's.
     mesh_fixed: the method named its mesh shape (no other mesh is tried).
+    propagate: pin only the step's inputs and outputs to the ILP's layouts
+      and leave the intermediates to XLA's sharding propagation (a
+      compiled-cost selection candidate; the plan then promises no per-op
+      collectives).
   """
 
   method_name: str
@@ -35,6 +39,7 @@ class ShardConfig:
   num_micro_batches: int
   link_costs: tuple[tuple[float, float], ...] | None = None
   mesh_fixed: bool = False
+  propagate: bool = False
 
   @classmethod
   def resolve(cls, method: ShardParallel, num_devices: int) -> "ShardConfig":

@@ -84,6 +84,13 @@ class ShardingPlan:
       (``program_cost``), where the plan was chosen by it.
     alternatives: (candidate, compiled price in seconds) of every program
       compared with ``select_by_compiled_cost``, this one included.
+    measured: (candidate, median measured step seconds) of the candidates
+      timed on the devices (``AutoShardingOption.measure_candidates``);
+      where present, the fastest of them was kept.
+    propagated: only the inputs and outputs are pinned to the plan; XLA's
+      sharding propagation laid out the intermediates (``ops`` shows the
+      ILP's strategies, which XLA was free to change), so no per-op
+      collectives are promised.
   """
 
   method: str
@@ -100,6 +107,8 @@ class ShardingPlan:
   compiled_collectives: tuple[tuple[str, int], ...] = ()
   compiled_step_seconds: float | None = None
   alternatives: tuple[tuple[str, float], ...] = ()
+  measured: tuple[tuple[str, float], ...] = ()
+  propagated: bool = False
 
   @property
   def collective_mismatch(self) -> dict[str, tuple[int, int]]:
@@ -129,6 +138,14 @@ class ShardingPlan:
                    " ms; chosen by compiled price among: " + ", ".join(
                        f"{name} {sec * 1e3:.3f} ms"
                        for name, sec in self.alternatives))
+    if self.measured:
+      lines.append("  kept the fastest measured (median step on the devices): "
+                   + ", ".join(f"{name} {sec * 1e3:.3f} ms"
+                               for name, sec in self.measured))
+    if self.propagated:
+      lines.append("  intermediates: laid out by XLA's sharding propagation "
+                   "from the planned inputs and outputs (the op strategies "
+                   "below are the ILP's, not pinned)")
     if self.predicted_collectives:
       lines.append("  collectives (predicted / compiled): " + ", ".join(
           f"{k} {n}/{dict(self.compiled_collectives).get(k, '-')}"
@@ -250,7 +267,8 @@ def _shapes_str(graph: OpGraph, op) -> str:
 def make_plan(graph: OpGraph, sol: ShardingSolution, paths, out_count,
               method_name: str, cost_profile: str, mesh, num_micro_batches=1,
               out_names=None, input_shapes=None,
-              collectives: tuple[dict, dict] | None = None) -> ShardingPlan:
+              collectives: tuple[dict, dict] | None = None,
+              propagated: bool = False) -> ShardingPlan:
   names = mesh.axis_names
   input_shapes = input_shapes or [graph.tensor(t).shape for t in graph.invars]
   inputs = tuple(
@@ -284,7 +302,7 @@ def make_plan(graph: OpGraph, sol: ShardingSolution, paths, out_count,
       estimated_peak_bytes=sol.estimated_peak_bytes,
       predicted_collectives=tuple(collectives[0].items()) if collectives else (),
       compiled_collectives=tuple(collectives[1].items()) if collectives
-      else ())
+      else (), propagated=propagated)
 
 
 def solve_stats(sol: ShardingSolution, candidates, compile_s=0.0) -> SolveStats:

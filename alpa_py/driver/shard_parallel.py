@@ -143,6 +143,8 @@ def lower_and_compile(traced: TracedStep, planned: PlannedStep, sig: Signature,
                       config: ShardConfig, t_start: float) -> CompiledStep:
   """Constrains the step to the plan and compiles it with XLA."""
   graph, best = traced.graph, planned.solution
+  if config.propagate:
+    best = dataclasses.replace(best, constrained=(), operand_specs=())
   n = traced.num_micro_batches
   mesh = make_mesh(sig.devices, best.mesh_shape)
   if n == 1:
@@ -167,7 +169,7 @@ def describe(traced: TracedStep, planned: PlannedStep, sig: Signature,
   graph, best = traced.graph, planned.solution
   n = traced.num_micro_batches
   counts = None
-  if n == 1:
+  if n == 1 and not config.propagate:
     # an accumulating step runs its body in a loop: the static count of its
     # HLO is not the plan's, so it is not compared
     platform = mesh.devices.flat[0].platform
@@ -178,7 +180,7 @@ def describe(traced: TracedStep, planned: PlannedStep, sig: Signature,
                    config.method_name, config.option.cost_profile, mesh,
                    num_micro_batches=n, out_names=traced.out_names,
                    input_shapes=[a.shape for a in sig.avals],
-                   collectives=counts)
+                   collectives=counts, propagated=config.propagate)
   stats = solve_stats(best, planned.candidates, time.perf_counter() - t_start)
   return CompiledStep(task, plan, mesh, stats, planned)
 
@@ -279,15 +281,18 @@ def with_budget_retry(compile_once: Callable[[float | None], CompiledStep],
 
 
 def compile_shard_parallel(fun: Callable, sig: Signature, config: ShardConfig,
-                           backend: Backend) -> Executable:
+                           backend: Backend, leaves=None) -> Executable:
   """Compiles ``fun`` for the call signature ``sig``: trace, then plan and
-  compile under the memory budget, checking the collectives."""
+  compile under the memory budget, checking the collectives. ``leaves``:
+  the call's flat arguments, where a compiled-cost selection may time its
+  candidates on them (a local backend only)."""
   t_start = time.perf_counter()
   traced = trace_step(fun, sig, config.num_micro_batches)
   control_flow.warn_replicated(traced.graph)
+  solves: dict = {}  # option -> the ILP solves made under it
 
   def compile_config(cfg: ShardConfig) -> CompiledStep:
-    solved: dict = {}
+    solved = solves.setdefault(cfg.option, {})
 
     def compile_once(ilp_budget):
       return with_collective_replans(
@@ -302,7 +307,10 @@ def compile_shard_parallel(fun: Callable, sig: Signature, config: ShardConfig,
     return with_budget_retry(compile_once, cfg.memory_budget)
 
   if compiled_selection.selects(config):
-    step = compiled_selection.select(compile_config, config, len(sig.devices))
+    step = compiled_selection.select(
+        compile_config, config, len(sig.devices),
+        leaves if getattr(backend, "kind", None) == "local" else None,
+        sig.donated_inputs)
   else:
     step = compile_config(config)
   return Executable(step.task, step.plan, step.mesh, step.stats,
