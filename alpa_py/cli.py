@@ -181,7 +181,8 @@ def cmd_plan(args) -> int:
 
 def _simulate(args, simulate) -> int:
   """``bench --simulate``: GPT and MoE planned hierarchically (stages,
-  submeshes, per-stage ILP), Wide-ResNet intra-op only."""
+  submeshes, per-stage ILP), Wide-ResNet too (its stages data parallel in
+  the PP-DP baseline)."""
   import json
   import os
   import sys
@@ -200,21 +201,23 @@ def _simulate(args, simulate) -> int:
     print(f"alpa-py bench: {e}", file=sys.stderr)
     return 2
   name = args.config if args.config and not args.weak_scaling else None
-  hierarchical = args.suite in ("gpt", "moe")
+  hierarchical = args.suite in ("gpt", "moe", "wresnet")
   rows = []
   bar = Bar(len(gpus), f"simulate {args.suite} on {args.simulate}")
   for g in gpus:
     t0 = time.perf_counter()
     if hierarchical:
       rows.append(hier.hierarchical_one(args.suite, g, args.simulate,
-                                        name=name))
+                                        name=name,
+                                        fusion_aware=args.fusion_aware))
     else:
       rows.append(simulate.simulate_intra_op(args.suite, g, args.simulate,
                                              name=name))
     rows[-1]["wall_seconds"] = time.perf_counter() - t0
     bar.step(f"{g} GPUs")
   print(hier.table(rows) if hierarchical else simulate.intra_op_table(rows))
-  stem = os.path.join(args.out, f"simulate_{args.suite}_{args.simulate}")
+  stem = os.path.join(args.out, f"simulate_{args.suite}_{args.simulate}"
+                      + ("_fused" if hierarchical and args.fusion_aware else ""))
   with open(stem + ".json", "w") as f:
     json.dump(rows, f, indent=1, default=str)
   if hierarchical:
@@ -286,6 +289,9 @@ def main(argv=None) -> int:
   b.add_argument("--gpus", default="1,8,16,32,64")
   b.add_argument("--weak-scaling", action="store_true",
                  help="with --simulate: the published model size per GPU count")
+  b.add_argument("--fusion-aware", action="store_true",
+                 help="with --simulate (GPT, MoE): price non-matmul ops per "
+                 "fused region, as XLA runs them on a GPU")
   b.add_argument("--quick", action="store_true", help="tiny config, 2 steps")
   b.add_argument("--no-plot", action="store_true")
   b.add_argument("--out", default="bench_out")

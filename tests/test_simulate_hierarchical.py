@@ -4,11 +4,12 @@ space, stage DP with 1F1B memory and remat, baselines under the same model.
 Small configs only (abstract shapes, a few seconds each).
 """
 
+import dataclasses
 import math
 
 import pytest
 
-from alpa_py.bench import baselines, configs
+from alpa_py.bench import baselines, configs, layer_costs
 from alpa_py.bench.hierarchical import (StageModel, latency, plan_pipeline,
                                         submeshes)
 from alpa_py.bench.layer_costs import LayerCostTable, Mode
@@ -145,3 +146,64 @@ def test_alpa_flops_formula_matches_traced_flops(prof):
   traced = sum(s.fwd_flops + s.bwd_flops for s in t.full_shapes())
   formula = alpa_flops(cfg, remat=False) * 2 / cfg.batch
   assert traced == pytest.approx(formula, rel=0.1)
+
+
+def test_fusion_aware_tables_price_fused_regions(prof):
+  # the same layer, priced per fused region: a fused op moves no more bytes
+  # than it reads and writes, so no strategy costs more, and the matmul
+  # FLOPs are the same
+  cfg = configs.get_config("gpt", "tiny")
+  plain = LayerCostTable(cfg, 2, prof)
+  fused = LayerCostTable(cfg, 2, prof, fusion_aware=True)
+  for l in range(len(plain.shapes)):
+    assert fused.shapes[l].fwd_flops == plain.shapes[l].fwd_flops
+    for logical in ((1, 1), (1, 2)):
+      a = plain.cost(l, logical, Mode.AUTO).micro_seconds
+      b = fused.cost(l, logical, Mode.AUTO).micro_seconds
+      assert b <= a * (1 + 1e-9)
+  one = [plain.cost(l, (1, 1), Mode.AUTO).micro_seconds -
+         fused.cost(l, (1, 1), Mode.AUTO).micro_seconds
+         for l in range(len(plain.shapes))]
+  assert max(one) > 0  # a GPT layer's norms and GELU do fuse
+
+
+def test_the_optimizers_state_is_what_the_memory_model_holds(prof):
+  # Alpa's MoE suite trains with Adafactor (factored second moments), its
+  # GPT suite with AdamW (two full moments): the state per parameter byte
+  # comes from the traced optimizer, and so do memory and update time
+  assert configs.get_config("moe", "70B").optimizer == "adafactor"
+  assert configs.get_config("gpt", "350M").optimizer == "adamw"
+  adamw_cfg = configs.get_config("moe", "tiny")
+  ada_cfg = dataclasses.replace(adamw_cfg, optimizer="adafactor")
+  adamw, ada = LayerCostTable(adamw_cfg, 8, prof), LayerCostTable(ada_cfg, 8,
+                                                                  prof)
+  assert adamw.opt_state_ratio == pytest.approx(2.0, rel=1e-3)  # + a count
+  # tiny dims (< 128) are not factored: one full second moment
+  assert ada.opt_state_ratio == pytest.approx(1.0, rel=1e-3)
+  big = configs.make_state(configs.get_config("moe", "380M"), abstract=True)
+  ratio = layer_costs._tree_bytes(big.opt_state) / layer_costs._tree_bytes(
+      big.params)
+  assert 0 < ratio < 0.01  # factored: rows + columns per weight matrix
+  a = StageModel(adamw, 8, prof.memory_per_device).options(
+      0, 1, (1, 8), Mode.AUTO)[0]
+  b = StageModel(ada, 8, prof.memory_per_device).options(
+      0, 1, (1, 8), Mode.AUTO)[0]
+  assert b.mem_fixed < a.mem_fixed and b.step < a.step
+  assert b.t == pytest.approx(a.t)  # the micro-batch is the same work
+  with pytest.raises(ValueError, match="optimizer"):
+    configs.make_optimizer(dataclasses.replace(adamw_cfg, optimizer="sgd"))
+
+
+def test_wide_resnet_is_planned_in_stages_beside_pp_dp():
+  row = hierarchical_one("wresnet", 8, PROFILE, name="tiny",
+                         micro_batches=(4,))
+  p, b = row["plan"], row["baseline"]
+  assert row["optimizer"] == "adamw"  # the CPU config; Alpa's used SGD
+  assert p["fits"] and p["tflops_ours"] > 0
+  assert p["tflops_alpa"] == p["tflops_ours"]  # Alpa counted XLA's FLOPs
+  assert b["name"] == "pp-dp" and b["fits"]
+  # PP-DP is the same DP over a subset of the stage plans
+  assert p["step_seconds"] <= b["step_seconds"] * 1.03
+  units = [u for s in p["stages"] for u in range(*s["units"])]
+  assert units == list(range(4))  # depth 8: four bottleneck blocks
+  assert configs.get_config("wresnet", "2B").optimizer == "sgd-momentum"

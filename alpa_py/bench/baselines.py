@@ -4,9 +4,10 @@
   pipeline (dividing the layer count) and data degrees and micro-batch
   sizes, remat on, 1F1B; each stage's layers priced by the per-stage ILP
   with Megatron's weight layouts pinned (``Mode.MEGATRON``).
+* PP-DP (Wide-ResNet): the stage DP with every stage data parallel.
 * DeepSpeed-MoE style (MoE): no pipeline; experts split over all GPUs
   (expert parallel), every other weight data parallel with ZeRO-2 (gradients
-  and AdamW state sharded) or ZeRO-3 (parameters too, all-gathered in bf16
+  and optimizer state sharded) or ZeRO-3 (parameters too, all-gathered in bf16
   for the forward and again for the backward of every micro-batch).
 
 Both use ``hierarchical.StageModel``'s pricing, so that they are compared
@@ -18,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from alpa_py.bench.hierarchical import (PipelinePlan, Stage, StageModel,
-                                        latency)
+from alpa_py.bench.hierarchical import (MODES_PP_DP, PipelinePlan, Stage,
+                                        StageModel, latency, plan_pipeline)
 from alpa_py.bench.layer_costs import Mode
 from alpa_py.compiler.cluster_env import LogicalMesh
 
@@ -46,11 +47,13 @@ def megatron_grid(models: dict[int, StageModel]) -> list[PipelinePlan]:
         continue
       sub = (1, size) if size <= per_node else (size // per_node, per_node)
       logical = (dp, tp)
-      # no ZeRO: 16 bytes of fp32 state per parameter over tp x pp GPUs;
-      # a configuration over the budget on that alone is not priced
+      # no ZeRO: fp32 parameter, gradient and optimizer state (16 bytes
+      # per parameter with AdamW) over tp x pp GPUs; a configuration over
+      # the budget on that alone is not priced
       params = sum(any_model.table.shapes[k].param_bytes
                    for k in any_model.table.layer_map) / 4
-      if 16 * params / (tp * pp) > any_model.budget:
+      words = 2 + any_model.table.opt_state_ratio
+      if 4 * words * params / (tp * pp) > any_model.budget:
         continue
       for m, model in models.items():
         if m % dp:
@@ -102,11 +105,13 @@ def deepspeed_plans(models: dict[int, StageModel]) -> list[PipelinePlan]:
                 for u in range(U)]
         t = sum(o.t for o in opts)
         step = sum(o.step for o in opts)
-        # (bytes of fp32 words: parameter, gradient, two moments)
+        # bytes of fp32 words: parameter, gradient, and r words of
+        # optimizer state per parameter word
+        r = model.table.opt_state_ratio
         if zero == 2:
-          state = dense + 3 * dense / N + 4 * experts / N
+          state = dense + (1 + r) * dense / N + (2 + r) * experts / N
         else:
-          state = 4 * (dense + experts) / N
+          state = (2 + r) * (dense + experts) / N
           # bf16 gathers of the dense weights, forward and backward
           t += 2 * mesh.all_gather(dense / 2, 1)
         if remat:  # one micro-batch: its layers' inputs + one layer's
@@ -121,6 +126,14 @@ def deepspeed_plans(models: dict[int, StageModel]) -> list[PipelinePlan]:
             f"deepspeed zero{zero}{' remat' if remat else ''}", (st,), m,
             model.B, latency([st], model.B), mem <= model.budget, mem))
   return plans
+
+
+def pp_dp_plans(models: dict[int, StageModel],
+                max_layers: int = 16) -> list[PipelinePlan]:
+  """PP-DP (Alpa's Wide-ResNet baseline): pipeline stages on submeshes,
+  each purely data parallel, partitioned by the same stage DP."""
+  return [plan_pipeline(m, max_layers=max_layers, modes=MODES_PP_DP,
+                        name="pp-dp") for m in models.values()]
 
 
 def best(plans: list[PipelinePlan]) -> PipelinePlan | None:

@@ -1,8 +1,13 @@
 """Named model configs mirroring Alpa's suite, plus small CPU configs.
 
-Each config builds a plain training step ``step(state, batch)`` (AdamW) over
-real arrays, or over ``jax.ShapeDtypeStruct``s only (``abstract=True``: no
-parameter is allocated, for simulating large models).
+Each config builds a plain training step ``step(state, batch)`` over real
+arrays, or over ``jax.ShapeDtypeStruct``s only (``abstract=True``: no
+parameter is allocated, for simulating large models). The optimizer is the
+one Alpa's benchmark used for the suite (``alpa/benchmark/alpa``:
+``optax.adamw`` for GPT in ``benchmark_one_case_gpt_bert.py``, Adafactor for
+MoE in ``benchmark_one_case_moe.py``, SGD with Nesterov momentum 0.9 for
+Wide-ResNet in ``benchmark_one_case_wresnet.py``); the small CPU configs use
+AdamW.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class BenchConfig:
   batch: int
   seq: int = 0  # tokens per sequence (gpt, moe)
   image: int = 0  # image side (wresnet)
+  optimizer: str = "adamw"  # "adamw", "adafactor" or "sgd-momentum"
 
 
 def _gpt(name, h, layers, heads, batch=1024, seq=1024, vocab=51200,
@@ -38,19 +44,21 @@ def _gpt(name, h, layers, heads, batch=1024, seq=1024, vocab=51200,
                      batch, seq=seq)
 
 
-def _moe(name, h, layers, heads, experts, batch=1024, seq=1024, vocab=32000):
+def _moe(name, h, layers, heads, experts, batch=1024, seq=1024, vocab=32000,
+         optimizer="adafactor"):
   return BenchConfig("moe", name, dict(hidden=h, num_layers=layers,
                                        num_heads=heads, num_experts=experts,
                                        vocab_size=vocab, seq_len=seq,
                                        moe_every=2, group_size=1024),
-                     batch, seq=seq)
+                     batch, seq=seq, optimizer=optimizer)
 
 
-def _wres(name, depth, channels, width, batch=1536, image=224, classes=1024):
+def _wres(name, depth, channels, width, batch=1536, image=224, classes=1024,
+          optimizer="sgd-momentum"):
   return BenchConfig("wresnet", name, dict(depth=depth, base_channels=channels,
                                            width_factor=width,
                                            num_classes=classes), batch,
-                     image=image)
+                     image=image, optimizer=optimizer)
 
 
 CONFIGS = {c.suite + ":" + c.name: c for c in [
@@ -76,9 +84,10 @@ CONFIGS = {c.suite + ":" + c.name: c for c in [
     # narrow stack
     _gpt("wide", 128, 2, 4, batch=16, seq=64, vocab=512, mlp_ratio=16),
     _gpt("deep", 64, 12, 4, batch=32, seq=32, vocab=256),
-    _moe("tiny", 64, 2, 4, 8, batch=16, seq=32, vocab=512),
-    _moe("small", 128, 4, 4, 8, batch=32, seq=64, vocab=1024),
-    _wres("tiny", 8, 8, 2, batch=16, image=32, classes=10),
+    _moe("tiny", 64, 2, 4, 8, batch=16, seq=32, vocab=512, optimizer="adamw"),
+    _moe("small", 128, 4, 4, 8, batch=32, seq=64, vocab=1024,
+         optimizer="adamw"),
+    _wres("tiny", 8, 8, 2, batch=16, image=32, classes=10, optimizer="adamw"),
 ]}
 
 
@@ -112,6 +121,8 @@ def make_model(cfg: BenchConfig, pipeline: bool = False):
     if pipeline:
       return MoEModel(**cfg.model, dtype=dtype, pipeline_boundaries=True)
     return MoEModel(**cfg.model)
+  if pipeline:
+    return WideResNet(**cfg.model, dtype=dtype, pipeline_boundaries=True)
   return WideResNet(**cfg.model)
 
 
@@ -132,12 +143,16 @@ def make_batch(cfg: BenchConfig, abstract: bool = False, batch: int | None = Non
                                   cfg.model["num_classes"])}
 
 
+def _loss(cfg: BenchConfig, out, batch):
+  if cfg.suite in ("gpt", "moe"):
+    return lm_loss(out, batch["x"])
+  return optax.softmax_cross_entropy_with_integer_labels(
+      out.astype(jnp.float32), batch["y"]).mean()
+
+
 def make_step(cfg: BenchConfig):
   def loss_of(params, apply_fn, batch):
-    out = apply_fn(params, batch["x"])
-    if cfg.suite in ("gpt", "moe"):
-      return lm_loss(out, batch["x"])
-    return optax.softmax_cross_entropy_with_integer_labels(out, batch["y"]).mean()
+    return _loss(cfg, apply_fn(params, batch["x"]), batch)
 
   def step(state, batch):
     loss, grads = jax.value_and_grad(loss_of)(state.params, state.apply_fn, batch)
@@ -153,17 +168,30 @@ def make_pipeline_step(cfg: BenchConfig):
 
   def step(state, batch):
     def loss_of(params):
-      return lm_loss(state.apply_fn(params, batch["x"]), batch["x"])
+      return _loss(cfg, state.apply_fn(params, batch["x"]), batch)
     loss, grads = alpa_py.value_and_grad(loss_of)(state.params)
     return state.apply_gradients(grads=grads), loss
 
   return step
 
 
+def make_optimizer(cfg: BenchConfig) -> optax.GradientTransformation:
+  """The config's optimizer (see the module doc)."""
+  if cfg.optimizer == "adafactor":
+    return optax.adafactor(1e-3)
+  if cfg.optimizer == "adamw":
+    return optax.adamw(1e-4)
+  if cfg.optimizer == "sgd-momentum":
+    return optax.sgd(0.1, momentum=0.9, nesterov=True)
+  raise ValueError(f"config {cfg.suite}:{cfg.name}: optimizer "
+                   f"{cfg.optimizer!r} is not 'adamw', 'adafactor' or "
+                   "'sgd-momentum'")
+
+
 def make_state(cfg: BenchConfig, abstract: bool = False, pipeline: bool = False):
   model = make_model(cfg, pipeline=pipeline)
   sample = make_batch(cfg, abstract=True, batch=1)["x"]
-  tx = optax.adamw(1e-4)
+  tx = make_optimizer(cfg)
 
   def init():
     params = model.init(jax.random.PRNGKey(0), jnp.zeros(sample.shape, sample.dtype))

@@ -10,13 +10,17 @@ Stage model (per micro-batch of ``m`` sequences, ``B = batch / m``):
   gradient (backward) from the previous stage: ``alpha + bytes * beta`` of
   the link between the two submeshes (inter-node when the stage starts a
   node, intra-node otherwise, spread over the receiving devices).
-* once per step: the stage's gradient synchronisation and its AdamW update
-  (7 fp32 words per parameter shard at memory bandwidth).
+* once per step: the stage's gradient synchronisation and its optimizer
+  update: ``3 + 2 r`` fp32 words per parameter shard at memory bandwidth
+  (read parameter and gradient, write the parameter, read and write the
+  optimizer state), ``r`` = optimizer-state bytes per parameter byte of
+  the config's optimizer (``LayerCostTable.opt_state_ratio``: AdamW 2,
+  so 7 words; Adafactor's factored moments a small fraction).
 * memory per GPU: fp32 parameters and gradient accumulator (8 bytes per
-  parameter shard), two fp32 AdamW moments (8 bytes per parameter shard,
-  split further over the data-parallel axes the parameter is replicated on,
-  as the update's sharding can do; the Megatron-LM baseline keeps them
-  whole); one layer's bf16 weight copy; with
+  parameter shard), the optimizer state (``r`` x 4 bytes per parameter
+  shard, split further over the data-parallel axes the parameter is
+  replicated on, as the update's sharding can do; the Megatron-LM baseline
+  keeps it whole); one layer's bf16 weight copy; with
   1F1B, stage ``k`` of ``S`` holds ``min(S - k, B)`` micro-batches in flight:
   without remat their residuals (the forward values its backward reads),
   with remat only the stage's input per micro-batch in flight, plus, while
@@ -146,6 +150,9 @@ def mirrored_shapes(submesh: tuple[int, int]):
 # ILP objective has no memory term; the pinned run gives the stage DP the
 # memory-lean plan to fall back on where the free one does not fit)
 MODES_ALPA = (Mode.AUTO, Mode.MEGATRON)
+# PP-DP (Alpa's Wide-ResNet baseline): the same stage DP, every stage data
+# parallel
+MODES_PP_DP = (Mode.DATA0,)
 
 
 @dataclasses.dataclass
@@ -183,11 +190,12 @@ class StageModel:
     t = sum(c.micro_seconds for c in costs)
     fwd = sum(c.fwd_seconds for c in costs)
     params = sum(c.param_bytes for c in costs)
+    r = self.table.opt_state_ratio
     step = sum(c.grad_sync_seconds for c in costs) + \
-        7 * params / self.prof.mem_bytes_per_s
+        (3 + 2 * r) * params / self.prof.mem_bytes_per_s
     # Megatron-LM (the baseline) keeps whole moments on every replica
     moments = sum(c.moment_bytes for c in costs) if shard_moments else params
-    state = 2 * params + 2 * moments + max(c.param_bytes for c in costs) / 2
+    state = 2 * params + r * moments + max(c.param_bytes for c in costs) / 2
     res = sum(c.residual_bytes for c in costs)
     inputs = [c.input_bytes / 2 for c in costs]  # x (the other half: its grad)
     keep = max(c.residual_bytes for c in costs)
@@ -252,7 +260,9 @@ def plan_pipeline(model: StageModel, max_layers: int = 16,
         for logical in logical_shapes(sub, per_node):
           for mode in modes:
             if mode == Mode.DATA0 and logical[0] == 1:
-              continue
+              if logical != (1, 1) or Mode.AUTO in modes:
+                continue
+              mode = Mode.AUTO  # one device: data parallel is the plan
             opts += model.options(bounds[i], bounds[j], logical, mode)
         # with the batch pinned to axis 0, (dp, tp) and (tp, dp) differ:
         # the other orientations inside a node, for the pinned mode

@@ -49,6 +49,7 @@ from alpa_py.driver.signature import make_signature
 from alpa_py.driver.stage_construction import (Pieces, _signature,
                                                _stage_graphs)
 from alpa_py.driver.tracing import trace_step
+from alpa_py.models.wide_resnet import DEPTHS
 
 
 class Mode(str, enum.Enum):
@@ -92,8 +93,10 @@ class LayerCost:
     grad_sync_seconds: the gradient all-reduce, once per step.
     fwd_seconds: the forward alone (what remat recomputes).
     param_bytes: fp32 parameter shard per device.
-    moment_bytes: one AdamW moment's shard per device (the parameter shard,
-      further split over the data-parallel axes it is replicated on).
+    moment_bytes: the parameter shard per device further split over the
+      data-parallel axes it is replicated on (where the update keeps its
+      optimizer state: ``LayerCostTable.opt_state_ratio`` bytes of state per
+      byte of it).
     residual_bytes: forward values the backward reads, one micro-batch.
     input_bytes: the layer's input activation shard, one micro-batch.
     ilp_seconds: solver wall time.
@@ -113,6 +116,11 @@ class LayerCost:
 
 INFEASIBLE = LayerCost(math.inf, math.inf, math.inf, math.inf, math.inf,
                        math.inf, math.inf, 0.0, "infeasible")
+
+
+def _tree_bytes(tree) -> float:
+  return float(sum(x.size * x.dtype.itemsize
+                   for x in jax.tree_util.tree_leaves(tree)))
 
 
 def _split_pre(pre, body):
@@ -137,6 +145,10 @@ def units_per_layer(cfg: configs.BenchConfig) -> int:
 
 
 def num_units(cfg: configs.BenchConfig) -> int:
+  """Pipeline units of the config: transformer layers (an MoE unit is a
+  dense and an MoE layer), or Wide-ResNet's bottleneck blocks."""
+  if cfg.suite == "wresnet":
+    return sum(DEPTHS[cfg.model["depth"]])
   return cfg.model["num_layers"] // units_per_layer(cfg)
 
 
@@ -149,19 +161,30 @@ class LayerCostTable:
     profile: the cost profile (matmuls priced at its half-precision rate).
     time_limit_s: per-ILP limit.
     proxy: trace the distinct layers only (first, one middle, last);
-      False: every layer (tests compare the two).
+      False: every layer (tests compare the two). Wide-ResNet's blocks
+      differ from stage to stage (channels, stride), so it is always
+      traced whole.
+    fusion_aware: price non-matmul ops by the bytes they move once XLA has
+      fused them (``AutoShardingOption.fusion_aware_bytes``), as XLA does
+      on a GPU; False: every op at every byte it reads and writes.
   """
 
   def __init__(self, cfg: configs.BenchConfig, micro_batch: int,
                profile: CostProfile, time_limit_s: float = 10.0,
-               proxy: bool = True):
+               proxy: bool = True, fusion_aware: bool = False):
     self.cfg, self.micro_batch, self.profile = cfg, micro_batch, profile
     self.time_limit_s = time_limit_s
+    self.fusion_aware = fusion_aware
     t0 = time.perf_counter()
     per = units_per_layer(cfg)
+    proxy = proxy and cfg.suite != "wresnet"
     traced_cfg = configs.with_layers(
         cfg, min(cfg.model["num_layers"], 3 * per)) if proxy else cfg
     state = configs.make_state(traced_cfg, abstract=True, pipeline=True)
+    # optimizer-state bytes per parameter byte (AdamW: 2, its two moments;
+    # Adafactor: its factored second moments, a small fraction)
+    self.opt_state_ratio = _tree_bytes(state.opt_state) / \
+        _tree_bytes(state.params)
     batch = configs.make_batch(traced_cfg, abstract=True, batch=micro_batch)
     step = configs.make_pipeline_step(traced_cfg)
     self.sig, _ = make_signature((state, batch), static=(), donate=(),
@@ -172,7 +195,7 @@ class LayerCostTable:
                                   traced.out_names)
     pre, post = _split_pre(part.pre, part.body)
     pipe = sorted(pre + list(part.body), key=lambda o: o.index)
-    one = traced_cfg.model["num_layers"] <= per  # no boundary to cut at
+    one = num_units(traced_cfg) <= 1  # no boundary to cut at
     layers = assign_layers(graph, pipe, AutoLayerOption(layer_num=1) if one
                            else ManualLayerOption())
     post = sorted(post + list(part.post), key=lambda o: o.index)
@@ -265,7 +288,8 @@ class LayerCostTable:
       return INFEASIBLE
     option = AutoShardingOption(
         cost_profile=self.profile, solver_time_limit_s=self.time_limit_s,
-        force_batch_dim_to_mesh_dim=data_axis if forced else None)
+        force_batch_dim_to_mesh_dim=data_axis if forced else None,
+        fusion_aware_bytes=self.fusion_aware)
     t0 = time.perf_counter()
     try:
       sol = run_auto_sharding(
@@ -309,7 +333,7 @@ class LayerCostTable:
         sync += mesh.reduce_scatter(dev_bytes(t) * shape[a], a) \
             if a in used else mesh.all_reduce(dev_bytes(t), a)
     params = sum(dev_bytes(t) for t in joint.invars if self._is_param(t))
-    # the update can shard the AdamW moments over the data-parallel axes a
+    # the update can shard the optimizer state over the data-parallel axes a
     # parameter is replicated on (reduce-scatter the accumulated gradient,
     # update a shard, all-gather the parameter: the all-reduce's traffic)
     moments = 0.0

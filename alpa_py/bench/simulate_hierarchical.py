@@ -2,7 +2,8 @@
 Alpa's published figure.
 
 ``hierarchical_one`` prices the benchmark step (bf16 compute, fp32 master
-weights and AdamW state, global batch 1024) on ``gpus`` GPUs of a profile:
+weights and optimizer state: AdamW for GPT, Adafactor for MoE, as Alpa's
+benchmark used; global batch 1024) on ``gpus`` GPUs of a profile:
 for each micro-batch size it builds the per-layer ILP costs
 (``layer_costs``), runs the stage DP (``hierarchical.plan_pipeline``), and
 keeps the fastest plan that fits the device memory; the baselines
@@ -24,7 +25,7 @@ import math
 import time
 
 from alpa_py.bench import baselines, configs
-from alpa_py.bench.hierarchical import (PipelinePlan, StageModel,
+from alpa_py.bench.hierarchical import (MODES_ALPA, PipelinePlan, StageModel,
                                         plan_pipeline, submeshes)
 from alpa_py.bench.layer_costs import LayerCostTable, Mode
 from alpa_py.bench.simulate import GPU_COUNTS, PUBLISHED, WEAK_SCALING
@@ -34,6 +35,9 @@ from alpa_py.compiler.cluster_env import CostProfile, get_profile
 PUBLISHED_PLANS = {("gpt", 64): "16 stages on (1,4) submeshes",
                    ("gpt", 8): "regression config GPT-2.6B: dp2/op2/pp2"}
 MICRO_BATCHES = (1, 2, 4, 8)
+# images per micro-batch for Wide-ResNet (global batch 1536; Alpa ran it as
+# 24-96 micro-batches)
+MICRO_BATCHES_WRESNET = (16, 32, 64)
 
 
 def pricing_profile(name: str) -> CostProfile:
@@ -45,8 +49,12 @@ def pricing_profile(name: str) -> CostProfile:
   return dataclasses.replace(prof, flops_per_s=prof.half_flops_per_s)
 
 
-def alpa_flops(cfg: configs.BenchConfig, remat: bool = True) -> float:
-  """FLOPs of one step by Alpa's benchmark formulas."""
+def alpa_flops(cfg: configs.BenchConfig, remat: bool = True) -> float | None:
+  """FLOPs of one step by Alpa's benchmark formulas (None for Wide-ResNet:
+  Alpa counted XLA's FLOPs of the compiled step, whose convolutions are
+  the traced ones)."""
+  if cfg.suite == "wresnet":
+    return None
   m = cfg.model
   b, s, h, L, v = cfg.batch, cfg.seq, m["hidden"], m["num_layers"], \
       m["vocab_size"]
@@ -84,8 +92,9 @@ def breakdown(plan: PipelinePlan, table: LayerCostTable) -> dict:
   """Where the step time goes, term by term: the slowest stage's
   micro-batch split into matmuls (at the profile's rate), non-matmul ops
   (the ILP's one-device time less the matmuls, split over the stage's
-  devices; each op priced as one pass over its bytes at memory bandwidth:
-  no fusion) and the rest (collectives, transfers, work the plan does not
+  devices; each op priced as one pass over its bytes at memory bandwidth,
+  or over its share of its fused region's bytes where the table is
+  fusion-aware) and the rest (collectives, transfers, work the plan does not
   split); the pipeline bubble; the once per step terms."""
   if not plan.stages:
     return {}
@@ -117,9 +126,11 @@ def breakdown(plan: PipelinePlan, table: LayerCostTable) -> dict:
 def hierarchical_one(suite: str, gpus: int, profile: str, *,
                      name: str | None = None,
                      micro_batches=None,
-                     baseline: bool = True, max_layers: int = 16) -> dict:
+                     baseline: bool = True, max_layers: int = 16,
+                     fusion_aware: bool = False) -> dict:
   """The hierarchical plan of one point, its baselines, and the published
-  figures.
+  figures. ``fusion_aware``: the layer ILPs price non-matmul ops per fused
+  region (``compiler.fusion``), as XLA runs them on a GPU.
 
   Raises:
     ValueError: a GPU count no submesh space covers (the message lists the
@@ -134,17 +145,21 @@ def hierarchical_one(suite: str, gpus: int, profile: str, *,
 
   def model_for(m):
     if m not in models:
-      tables[m] = LayerCostTable(cfg, m, prof)
+      tables[m] = LayerCostTable(cfg, m, prof, fusion_aware=fusion_aware)
       models[m] = StageModel(tables[m], gpus, prof.memory_per_device)
     return models[m]
 
   plans = []
   if micro_batches is None:
-    micro_batches = MICRO_BATCHES
+    micro_batches = MICRO_BATCHES_WRESNET if suite == "wresnet" else \
+        MICRO_BATCHES
+  # Wide-ResNet has no tensor-parallel layouts to pin
+  modes = (Mode.AUTO,) if suite == "wresnet" else MODES_ALPA
   for m in micro_batches:
     if cfg.batch % m:
       continue
-    plans.append(plan_pipeline(model_for(m), max_layers=max_layers))
+    plans.append(plan_pipeline(model_for(m), max_layers=max_layers,
+                               modes=modes))
   fit = [p for p in plans if p.fits]
   chosen = min(fit, key=lambda p: p.step_seconds) if fit else \
       min(plans, key=lambda p: p.memory_bytes)
@@ -160,11 +175,17 @@ def hierarchical_one(suite: str, gpus: int, profile: str, *,
     elif suite == "moe":
       base = baselines.best(baselines.deepspeed_plans(
           {m: model_for(m) for m in extra if m % gpus == 0}))
+    else:
+      base = baselines.best(baselines.pp_dp_plans(
+          {m: model_for(m) for m in micro_batches if cfg.batch % m == 0},
+          max_layers=max_layers))
   t_base = time.perf_counter() - t1
   any_table = tables[chosen.micro_batch]
   per_micro = sum(s.fwd_flops + s.bwd_flops for s in any_table.full_shapes())
   flops_ours = per_micro * chosen.num_micro_batches
   flops_alpa = alpa_flops(cfg)
+  if flops_alpa is None:
+    flops_alpa = flops_ours
   params = sum(s.param_bytes for s in any_table.full_shapes()) / 4
   idx = GPU_COUNTS.index(gpus) if gpus in GPU_COUNTS else None
   published = {k: v[idx] for k, v in PUBLISHED[suite].items()} \
@@ -177,6 +198,10 @@ def hierarchical_one(suite: str, gpus: int, profile: str, *,
                   " half_flops_per_s); not fitted to the published table"),
           mem_bytes_per_s=prof.mem_bytes_per_s,
           intra_beta=prof.intra_beta, inter_beta=prof.inter_beta),
+      optimizer=cfg.optimizer,
+      optimizer_state_per_param_byte=any_table.opt_state_ratio,
+      nonmatmul_pricing=("per fused region (compiler.fusion)" if fusion_aware
+                         else "every op at every byte (no fusion)"),
       params=params, device_memory=prof.memory_per_device,
       flops_ours=flops_ours, flops_alpa_convention=flops_alpa,
       plan=_plan_row(chosen, flops_ours, flops_alpa, gpus),

@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from alpa_py.compiler.markers import mark_pipeline_boundary
+
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 26: (2, 2, 2, 2),
           8: (1, 1, 1, 1)}
 
@@ -45,6 +47,9 @@ class WideResNet(nn.Module):
     base_channels: channels of the first stage (doubling per stage).
     width_factor: bottleneck widening.
     num_classes: classifier outputs.
+    pipeline_boundaries: call ``alpa_py.mark_pipeline_boundary()`` before
+      every bottleneck block but the first (the stem goes with the first
+      block, the pool and classifier with the last).
   """
 
   depth: int = 50
@@ -52,6 +57,7 @@ class WideResNet(nn.Module):
   width_factor: int = 2
   num_classes: int = 1000
   dtype: jnp.dtype = jnp.float32
+  pipeline_boundaries: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # [N, H, W, 3]
@@ -64,6 +70,8 @@ class WideResNet(nn.Module):
     for stage, blocks in enumerate(DEPTHS[self.depth]):
       for b in range(blocks):
         stride = 2 if (b == 0 and stage > 0) else 1
+        if self.pipeline_boundaries and (stage, b) != (0, 0):
+          mark_pipeline_boundary()
         x = Bottleneck(c * 2 ** stage, self.width_factor, stride, self.dtype,
                        name=f"stage{stage}_block{b}")(x)
     x = x.mean(axis=(1, 2))
