@@ -202,6 +202,8 @@ def test_wide_resnet_is_planned_in_stages_beside_pp_dp():
   assert p["fits"] and p["tflops_ours"] > 0
   assert p["tflops_alpa"] == p["tflops_ours"]  # Alpa counted XLA's FLOPs
   assert b["name"] == "pp-dp" and b["fits"]
+  # PP-DP stages are plainly data parallel: (d, 1) meshes, no weight split
+  assert all(st["logical"][1] == 1 for st in b["stages"])
   # PP-DP is the same DP over a subset of the stage plans
   assert p["step_seconds"] <= b["step_seconds"] * 1.03
   units = [u for s in p["stages"] for u in range(*s["units"])]

@@ -4,7 +4,8 @@
   pipeline (dividing the layer count) and data degrees and micro-batch
   sizes, remat on, 1F1B; each stage's layers priced by the per-stage ILP
   with Megatron's weight layouts pinned (``Mode.MEGATRON``).
-* PP-DP (Wide-ResNet): the stage DP with every stage data parallel.
+* PP-DP (Wide-ResNet): the stage DP with every stage plainly data parallel
+  (parameters and optimizer state replicated, batch split).
 * DeepSpeed-MoE style (MoE): no pipeline; experts split over all GPUs
   (expert parallel), every other weight data parallel with ZeRO-2 (gradients
   and optimizer state sharded) or ZeRO-3 (parameters too, all-gathered in bf16
@@ -131,7 +132,8 @@ def deepspeed_plans(models: dict[int, StageModel]) -> list[PipelinePlan]:
 def pp_dp_plans(models: dict[int, StageModel],
                 max_layers: int = 16) -> list[PipelinePlan]:
   """PP-DP (Alpa's Wide-ResNet baseline): pipeline stages on submeshes,
-  each purely data parallel, partitioned by the same stage DP."""
+  each plainly data parallel on a (d, 1) mesh, partitioned by the same
+  stage DP."""
   return [plan_pipeline(m, max_layers=max_layers, modes=MODES_PP_DP,
                         name="pp-dp") for m in models.values()]
 

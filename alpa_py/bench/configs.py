@@ -34,6 +34,10 @@ class BenchConfig:
   seq: int = 0  # tokens per sequence (gpt, moe)
   image: int = 0  # image side (wresnet)
   optimizer: str = "adamw"  # "adamw", "adafactor" or "sgd-momentum"
+  # compute precision of the simulated (pipeline) step: "bf16" or "fp32"
+  # (Alpa ran GPT and MoE in fp16, Wide-ResNet in fp32:
+  # ``suite_paper_wresnet.py``)
+  dtype: str = "bf16"
 
 
 def _gpt(name, h, layers, heads, batch=1024, seq=1024, vocab=51200,
@@ -58,7 +62,7 @@ def _wres(name, depth, channels, width, batch=1536, image=224, classes=1024,
   return BenchConfig("wresnet", name, dict(depth=depth, base_channels=channels,
                                            width_factor=width,
                                            num_classes=classes), batch,
-                     image=image, optimizer=optimizer)
+                     image=image, optimizer=optimizer, dtype="fp32")
 
 
 CONFIGS = {c.suite + ":" + c.name: c for c in [
@@ -106,10 +110,10 @@ def with_layers(cfg: BenchConfig, num_layers: int) -> BenchConfig:
 
 
 def make_model(cfg: BenchConfig, pipeline: bool = False):
-  """The config's model; ``pipeline``: as the simulator plans it, with bf16
-  compute (parameters stay float32) and a pipeline boundary marker between
-  layers."""
-  dtype = jnp.bfloat16 if pipeline else jnp.float32
+  """The config's model; ``pipeline``: as the simulator plans it, with the
+  config's compute precision (parameters stay float32) and a pipeline
+  boundary marker between layers."""
+  dtype = jnp.bfloat16 if pipeline and cfg.dtype == "bf16" else jnp.float32
   if cfg.suite == "gpt":
     m = dict(cfg.model)
     return GPT(GPTConfig(vocab_size=m["vocab_size"], seq_len=m["seq_len"],

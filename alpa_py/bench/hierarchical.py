@@ -150,9 +150,13 @@ def mirrored_shapes(submesh: tuple[int, int]):
 # ILP objective has no memory term; the pinned run gives the stage DP the
 # memory-lean plan to fall back on where the free one does not fit)
 MODES_ALPA = (Mode.AUTO, Mode.MEGATRON)
-# PP-DP (Alpa's Wide-ResNet baseline): the same stage DP, every stage data
-# parallel
-MODES_PP_DP = (Mode.DATA0,)
+# PP-DP (Alpa's Wide-ResNet baseline): the same stage DP, every stage plain
+# data parallel (parameters and optimizer state replicated)
+MODES_PP_DP = (Mode.DATA,)
+# Wide-ResNet under alpa_py: the free ILP, and the ILP with the batch on
+# axis 0 (its gradient synchronisation is once per step, which the free
+# ILP's per-micro-batch objective cannot see)
+MODES_CONV = (Mode.AUTO, Mode.DATA0)
 
 
 @dataclasses.dataclass
@@ -257,13 +261,22 @@ def plan_pipeline(model: StageModel, max_layers: int = 16,
         if (j - i) > U:
           continue
         opts = []
-        for logical in logical_shapes(sub, per_node):
+        shapes = logical_shapes(sub, per_node)
+        if {Mode.DATA, Mode.DATA0} & set(modes) and (size, 1) not in shapes:
+          # the batch-on-axis-0 modes need the whole submesh on axis 0 too
+          shapes = shapes + [(size, 1)]
+        for logical in shapes:
           for mode in modes:
-            if mode == Mode.DATA0 and logical[0] == 1:
+            if mode == Mode.DATA and logical[1] > 1:
+              continue  # plain data parallel: a (d, 1) mesh
+            if mode in (Mode.DATA0, Mode.DATA) and logical[0] == 1:
               if logical != (1, 1) or Mode.AUTO in modes:
                 continue
               mode = Mode.AUTO  # one device: data parallel is the plan
-            opts += model.options(bounds[i], bounds[j], logical, mode)
+            # plain data parallel keeps the whole optimizer state on every
+            # replica (the other modes may shard it over the data axes)
+            opts += model.options(bounds[i], bounds[j], logical, mode,
+                                  shard_moments=mode != Mode.DATA)
         # with the batch pinned to axis 0, (dp, tp) and (tp, dp) differ:
         # the other orientations inside a node, for the pinned mode
         if sub[0] == 1 and Mode.MEGATRON in modes:

@@ -59,6 +59,9 @@ class Mode(str, enum.Enum):
   DATA0 = "data0"  # the ILP with every batch dim on mesh axis 0
   MEGATRON = "megatron"  # batch on axis 0, Megatron-LM weight specs on axis 1
   EXPERT = "expert"  # 1-D mesh: batch and the expert dim over it (DeepSpeed)
+  # plain data parallel (PP-DP's stages): batch on axis 0, every parameter
+  # replicated (the stage model uses it on (d, 1) meshes only)
+  DATA = "data"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +265,8 @@ class LayerCostTable:
         pspec = megatron_spec(self.paths[t][len("arg0"):], shape, mp="y")
       elif mode == Mode.EXPERT and self._is_param(t):
         pspec = expert_spec(self.paths[t][len("arg0"):], shape, ep="y")
+      elif mode == Mode.DATA and self._is_param(t):
+        pspec = ()
       else:
         continue
       entries = tuple(pspec) + (None,) * (len(shape) - len(tuple(pspec)))

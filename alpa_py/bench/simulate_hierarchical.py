@@ -25,8 +25,8 @@ import math
 import time
 
 from alpa_py.bench import baselines, configs
-from alpa_py.bench.hierarchical import (MODES_ALPA, PipelinePlan, StageModel,
-                                        plan_pipeline, submeshes)
+from alpa_py.bench.hierarchical import (MODES_ALPA, MODES_CONV, PipelinePlan,
+                                        StageModel, plan_pipeline, submeshes)
 from alpa_py.bench.layer_costs import LayerCostTable, Mode
 from alpa_py.bench.simulate import GPU_COUNTS, PUBLISHED, WEAK_SCALING
 from alpa_py.compiler.cluster_env import CostProfile, get_profile
@@ -40,10 +40,16 @@ MICRO_BATCHES = (1, 2, 4, 8)
 MICRO_BATCHES_WRESNET = (16, 32, 64)
 
 
-def pricing_profile(name: str) -> CostProfile:
-  """The profile with matmuls at its half-precision rate (the benchmark
-  step computes in bf16)."""
+def pricing_profile(name: str, dtype: str = "bf16") -> CostProfile:
+  """The profile at the step's compute precision: matmuls at its
+  half-precision rate for a bf16 step; matmuls and convolutions at its fp32
+  rates for an fp32 one (Alpa ran Wide-ResNet in fp32)."""
   prof = get_profile(name)
+  if dtype == "fp32":
+    return dataclasses.replace(
+        prof, flops_per_s=prof.single_flops_per_s or prof.flops_per_s,
+        conv_flops_per_s=prof.single_conv_flops_per_s or
+        prof.conv_flops_per_s)
   if prof.half_flops_per_s is None:
     return prof
   return dataclasses.replace(prof, flops_per_s=prof.half_flops_per_s)
@@ -136,10 +142,10 @@ def hierarchical_one(suite: str, gpus: int, profile: str, *,
     ValueError: a GPU count no submesh space covers (the message lists the
       valid ones), an unknown config.
   """
-  prof = pricing_profile(profile)
-  submeshes(gpus, prof.devices_per_node)  # the GPU count check
+  submeshes(gpus, get_profile(profile).devices_per_node)  # the count check
   name = name or WEAK_SCALING[suite][gpus]
   cfg = configs.get_config(suite, name)
+  prof = pricing_profile(profile, cfg.dtype)
   t0 = time.perf_counter()
   tables, models = {}, {}
 
@@ -154,7 +160,7 @@ def hierarchical_one(suite: str, gpus: int, profile: str, *,
     micro_batches = MICRO_BATCHES_WRESNET if suite == "wresnet" else \
         MICRO_BATCHES
   # Wide-ResNet has no tensor-parallel layouts to pin
-  modes = (Mode.AUTO,) if suite == "wresnet" else MODES_ALPA
+  modes = MODES_CONV if suite == "wresnet" else MODES_ALPA
   for m in micro_batches:
     if cfg.batch % m:
       continue
@@ -193,9 +199,11 @@ def hierarchical_one(suite: str, gpus: int, profile: str, *,
   row = dict(
       suite=suite, config=name, gpus=gpus, profile=profile,
       rates=dict(
+          compute_dtype=cfg.dtype,
           matmul_flops_per_s=prof.flops_per_s,
+          conv_flops_per_s=prof.conv_flops_per_s,
           source=("vendor peak x stated efficiency (cluster_env.GPU_PRESETS:"
-                  " half_flops_per_s); not fitted to the published table"),
+                  " half_/single_ rates); not fitted to the published table"),
           mem_bytes_per_s=prof.mem_bytes_per_s,
           intra_beta=prof.intra_beta, inter_beta=prof.inter_beta),
       optimizer=cfg.optimizer,

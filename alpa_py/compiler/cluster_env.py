@@ -67,6 +67,9 @@ class CostProfile:
     conv_flops_per_s: fp16/bf16 convolution throughput (cuDNN implicit
       GEMM reaches less of the peak than a large GEMM; None: as
       ``half_flops_per_s``).
+    single_flops_per_s, single_conv_flops_per_s: fp32 matmul and
+      convolution throughput, for steps that compute in float32 (None: as
+      ``flops_per_s`` and ``conv_flops_per_s``).
     model: a calibrated cost model; where set, ``LogicalMesh`` prices with
       it (the rates above are read from it, for code that reads them).
   """
@@ -82,6 +85,8 @@ class CostProfile:
   memory_per_device: int | None = None
   half_flops_per_s: float | None = None
   conv_flops_per_s: float | None = None
+  single_flops_per_s: float | None = None
+  single_conv_flops_per_s: float | None = None
   model: LinearCostModel | None = dataclasses.field(default=None, repr=False)
 
   def __post_init__(self):
@@ -120,8 +125,11 @@ GPU_PRESETS = {
         inter_beta=1 / 3.0e9, devices_per_node=8, memory_per_device=16 * GiB,
         # V100 SXM2 datasheet: 125 TFLOPS fp16 tensor-core peak x 0.72 (the
         # efficiency of flops_per_s above); convolutions: the same peak x
-        # 0.4 (a stated derating for cuDNN fp16 convolutions, not fitted).
-        half_flops_per_s=125e12 * 0.72, conv_flops_per_s=125e12 * 0.4),
+        # 0.4 (a stated derating for cuDNN fp16 convolutions, not fitted);
+        # fp32: the 15.7 TFLOPS datasheet peak x the same two efficiencies.
+        half_flops_per_s=125e12 * 0.72, conv_flops_per_s=125e12 * 0.4,
+        single_flops_per_s=15.7e12 * 0.72,
+        single_conv_flops_per_s=15.7e12 * 0.4),
     # 8x A100 80 GB per node over NVLink 3 (~230 GB/s achieved), 100 Gb/s
     # between nodes.
     "a100_8x_nvlink_100gbps": CostProfile(
