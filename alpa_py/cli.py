@@ -179,10 +179,9 @@ def cmd_plan(args) -> int:
   return 0
 
 
-def _simulate(args, simulate) -> int:
-  """``bench --simulate``: GPT and MoE planned hierarchically (stages,
-  submeshes, per-stage ILP), Wide-ResNet too (its stages data parallel in
-  the PP-DP baseline)."""
+def _simulate(args) -> int:
+  """``bench --simulate``: GPT, MoE and Wide-ResNet planned hierarchically
+  (stages, submeshes, per-stage ILP) beside their baselines."""
   import json
   import os
   import sys
@@ -201,41 +200,31 @@ def _simulate(args, simulate) -> int:
     print(f"alpa-py bench: {e}", file=sys.stderr)
     return 2
   name = args.config if args.config and not args.weak_scaling else None
-  hierarchical = args.suite in ("gpt", "moe", "wresnet")
   rows = []
   bar = Bar(len(gpus), f"simulate {args.suite} on {args.simulate}")
   for g in gpus:
     t0 = time.perf_counter()
-    if hierarchical:
-      rows.append(hier.hierarchical_one(args.suite, g, args.simulate,
-                                        name=name,
-                                        fusion_aware=args.fusion_aware))
-    else:
-      rows.append(simulate.simulate_intra_op(args.suite, g, args.simulate,
-                                             name=name))
+    rows.append(hier.hierarchical_one(args.suite, g, args.simulate, name=name,
+                                      fusion_aware=args.fusion_aware))
     rows[-1]["wall_seconds"] = time.perf_counter() - t0
     bar.step(f"{g} GPUs")
-  print(hier.table(rows) if hierarchical else simulate.intra_op_table(rows))
+  print(hier.table(rows))
   stem = os.path.join(args.out, f"simulate_{args.suite}_{args.simulate}"
-                      + ("_fused" if hierarchical and args.fusion_aware else ""))
+                      + ("_fused" if args.fusion_aware else ""))
   with open(stem + ".json", "w") as f:
     json.dump(rows, f, indent=1, default=str)
-  if hierarchical:
-    print(f"wrote {stem}.json")
-  else:
-    print(f"wrote {stem}.json, {simulate.plot(rows, stem + '.png')}")
+  print(f"wrote {stem}.json")
   return 0
 
 
 def cmd_bench(args) -> int:
-  import json
   import os
 
   os.environ.setdefault("ALPA_PY_QUIET", "1")  # the bars report progress
-  from alpa_py.bench import simulate, suite
+  from alpa_py.bench import suite
   os.makedirs(args.out, exist_ok=True)
   if args.simulate:
-    return _simulate(args, simulate)
+    return _simulate(args)
   if args.quick:
     args.config, args.steps = "tiny", 2
   result = suite.run_suite(args.suite, args.config or "tiny",

@@ -17,7 +17,6 @@ with alpa_py's plan under the same model.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from alpa_py.bench.hierarchical import (MODES_PP_DP, PipelinePlan, Stage,

@@ -33,7 +33,6 @@ import math
 import time
 
 import jax
-import numpy as np
 
 from alpa_py.bench import configs
 from alpa_py.bench.plans import expert_spec, megatron_spec
