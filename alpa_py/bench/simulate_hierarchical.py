@@ -1,9 +1,10 @@
 """One simulated point, planned hierarchically, beside the baselines and
 Alpa's published figure.
 
-``hierarchical_one`` prices the benchmark step (bf16 compute, fp32 master
-weights and optimizer state: AdamW for GPT, Adafactor for MoE, as Alpa's
-benchmark used; global batch 1024) on ``gpus`` GPUs of a profile:
+``hierarchical_one`` prices the benchmark step as Alpa's benchmark wrote
+it (GPT and MoE: bf16 compute, fp32 master weights, AdamW / Adafactor,
+global batch 1024; Wide-ResNet: fp32, SGD with momentum, 1536 images) on
+``gpus`` GPUs of a profile:
 for each micro-batch size it builds the per-layer ILP costs
 (``layer_costs``), runs the stage DP (``hierarchical.plan_pipeline``), and
 keeps the fastest plan that fits the device memory; the baselines

@@ -9,11 +9,11 @@ measured programs, so it is the better judge of two plans. The candidates
 are the ILP's plan (on the logical mesh its objective chose), the ILP with
 every batch dim kept on the first mesh axis (Alpa's
 ``force_batch_dim_to_mesh_dim=0``: data parallel, with the ILP free on the
-ops that have no batch dim, such as experts), both with only the step's
-inputs and outputs pinned to the ILP's layouts (XLA's sharding propagation
-lays out the rest: it may shard a dispatch or a gradient more cheaply than
-the plan's op-by-op layouts), the propagated two on the ILP's runner-up
-mesh, and the same pass with fewer choices (the inputs in the
+ops that have no batch dim, such as experts), that batch-split ILP with
+only the step's inputs and outputs pinned to its layouts on each of the
+ILP's three cheapest meshes (XLA's sharding propagation lays out the rest:
+it may shard a dispatch or a gradient more cheaply than the plan's op-by-op
+layouts), and the same pass with fewer choices (the inputs in the
 data-parallel, ZeRO-2 and ZeRO-3 layouts); each is compiled as it would be
 on its own, and the cheapest is kept (or the fastest measured of the
 cheapest few).
@@ -96,7 +96,6 @@ def ilp_variants(config: ShardConfig, meshes) -> list[tuple[str, ShardConfig]]:
       out.append(("ilp batch-split", cfg))
     out.append(("ilp batch-split propagated",
                 dataclasses.replace(cfg, propagate=True)))
-
   return out
 
 
@@ -173,7 +172,7 @@ def select(compile_config: Callable, config: ShardConfig, num_devices: int,
     elif got is not None:
       errors.append(got)
   if not priced:
-    raise next(e for e in errors if e is not None)
+    raise errors[0]
   priced.sort(key=lambda p: p[0])
   seconds, name, best = priced[0]
   measured = ()
