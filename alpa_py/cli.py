@@ -205,12 +205,12 @@ def _simulate(args) -> int:
   for g in gpus:
     t0 = time.perf_counter()
     rows.append(hier.hierarchical_one(args.suite, g, args.simulate, name=name,
-                                      fusion_aware=args.fusion_aware))
+                                      fusion_aware=not args.per_op_bytes))
     rows[-1]["wall_seconds"] = time.perf_counter() - t0
     bar.step(f"{g} GPUs")
   print(hier.table(rows))
   stem = os.path.join(args.out, f"simulate_{args.suite}_{args.simulate}"
-                      + ("_fused" if args.fusion_aware else ""))
+                      + ("_per_op" if args.per_op_bytes else ""))
   with open(stem + ".json", "w") as f:
     json.dump(rows, f, indent=1, default=str)
   print(f"wrote {stem}.json")
@@ -278,9 +278,10 @@ def main(argv=None) -> int:
   b.add_argument("--gpus", default="1,8,16,32,64")
   b.add_argument("--weak-scaling", action="store_true",
                  help="with --simulate: the published model size per GPU count")
-  b.add_argument("--fusion-aware", action="store_true",
-                 help="with --simulate (GPT, MoE): price non-matmul ops per "
-                 "fused region, as XLA runs them on a GPU")
+  b.add_argument("--per-op-bytes", action="store_true",
+                 help="with --simulate: price every non-matmul op at every "
+                 "byte it moves (no fusion; the default prices each fused "
+                 "region, as XLA runs them on a GPU)")
   b.add_argument("--quick", action="store_true", help="tiny config, 2 steps")
   b.add_argument("--no-plot", action="store_true")
   b.add_argument("--out", default="bench_out")

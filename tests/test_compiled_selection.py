@@ -220,3 +220,13 @@ def test_timing_never_donates_the_callers_buffers():
   assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
   assert not x.is_deleted()
   np.testing.assert_array_equal(np.asarray(x), np.arange(8.0))
+
+
+def test_every_candidate_is_timed_unless_a_count_is_given():
+  import types
+  cfg = lambda m: types.SimpleNamespace(  # noqa: E731
+      option=alpa_py.AutoShardingOption(measure_candidates=m))
+  assert compiled_selection.measured_count(cfg(None), 8) == 8
+  assert compiled_selection.measured_count(cfg(2), 8) == 2
+  assert compiled_selection.measured_count(cfg(20), 8) == 8
+  assert compiled_selection.measured_count(cfg(0), 8) == 0

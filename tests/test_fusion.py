@@ -36,6 +36,27 @@ def test_elementwise_chain_moves_its_ends_only():
       assert g.fused_bytes[op.index] == op.bytes_accessed
 
 
+def test_a_producer_read_by_two_kernels_is_computed_in_both():
+  def f(q, k, v):
+    s = q @ k.T
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    return (e / jnp.sum(e, axis=-1, keepdims=True)) @ v
+
+  n = 64
+  x = jnp.ones((n, n))
+  g = build_graph(jax.make_jaxpr(f)(x, x, x))
+  dots = [i for i, op in enumerate(g.ops) if op.name == "dot_general"]
+  light = g.ops[dots[0] + 1:dots[1]]  # the softmax between the two dots
+  total = sum(g.fused_bytes[op.index] for op in light)
+  big, row = n * n * 4, n * 4
+  # three kernels read the scores (max, sum of exponentials, normalise)
+  # and one writes the probabilities; the row statistics are small
+  assert 4 * big <= total <= 4 * big + 8 * row, (total, big, row)
+  roots = [op.name for op in light if g.fused_bytes[op.index] > 0]
+  assert roots == ["reduce_max", "reduce_sum", "div"], roots
+
+
 def test_decoder_bytes_near_xla_fused_bytes():
   state, tokens, step = decoder_setup(DecoderConfig(layers=2), scanned=False)
   g = build_graph(jax.make_jaxpr(step)(state, tokens))
@@ -44,7 +65,7 @@ def test_decoder_bytes_near_xla_fused_bytes():
   fused = sum(g.fused_bytes[op.index] for op in light)
   xla = kernel_stats(jax.jit(step).lower(state, tokens).compile().as_text()
                      ).nonmatmul_bytes
-  assert abs(fused / xla - 1) < 0.5, (fused, xla)
+  assert abs(fused / xla - 1) < 0.3, (fused, xla)
   assert per_op / xla > 2
 
 

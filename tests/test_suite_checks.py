@@ -37,9 +37,16 @@ def test_measure_interleaved_runs_rounds_in_turn():
   class Fake(plans.Runner):
     def step(self):
       order.append(self.fn)
-      return {"a": 1.0, "b": 2.0}[self.fn]
+      return {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}[self.fn]
 
-  runners = {k: Fake(k, None, None, 0, {}, 0.0, {}) for k in ("a", "b")}
-  got = plans.measure_interleaved(runners, 3)
-  assert got == {"a": 1.0, "b": 2.0}
-  assert order == ["a", "b"] * 4  # one warm-up round, then 3 rounds
+  names = ("a", "b", "c", "d")
+  runners = {k: Fake(k, None, None, 0, {}, 0.0, {}) for k in names}
+  got = plans.measure_interleaved(runners, 6)
+  assert got == {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
+  assert order[:4] == list(names)  # one warm-up step each, in order
+  rounds = [order[4 + 4 * i:8 + 4 * i] for i in range(6)]
+  assert len(order) == 4 * 7
+  assert all(sorted(r) == list(names) for r in rounds)  # each once per round
+  assert len({tuple(r) for r in rounds}) > 1  # the order changes
+  with pytest.raises(ValueError, match="rounds"):
+    plans.measure_interleaved(runners, 0)

@@ -8,7 +8,6 @@ rest chosen by the ILP), so that predictions compare like with like.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from typing import Callable
 
@@ -19,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import alpa_py
 from alpa_py.compiler.hlo_stats import collective_bytes
 from alpa_py.compiler.program import AXIS_NAMES, make_mesh, peak_bytes
+from alpa_py.driver import candidate_timing
 from alpa_py.driver.analysis import StepAnalysis
 
 METHODS = {"data": alpa_py.DataParallel, "zero2": alpa_py.Zero2Parallel,
@@ -48,15 +48,12 @@ class Runner:
 
 
 def measure_interleaved(runners: dict, rounds: int) -> dict:
-  """Median step seconds per runner, timed A B C ... A B C ... (one warm-up
-  step each first): a slow spell on a shared machine hits every plan."""
-  for r in runners.values():
-    r.step()
-  times: dict = {name: [] for name in runners}
-  for _ in range(rounds):
-    for name, r in runners.items():
-      times[name].append(r.step())
-  return {name: statistics.median(ts) for name, ts in times.items()}
+  """Median step seconds per runner over ``rounds`` interleaved rounds (one
+  step of every plan per round, in a seeded shuffled order, after one
+  warm-up step each): a slow spell on a shared machine hits every plan,
+  and no plan always follows the same one."""
+  return candidate_timing.interleaved_medians(
+      {name: r.step for name, r in runners.items()}, rounds)
 
 
 def _path_str(path) -> str:
@@ -138,7 +135,13 @@ def prepare_method(step, state, batch, method) -> Runner:
                 dict(status=s.status, variables=s.num_variables,
                      constraints=s.num_constraints,
                      solve_seconds=s.solve_seconds,
-                     mesh=list(ex.plan.mesh_shape)), hlo)
+                     mesh=list(ex.plan.mesh_shape),
+                     # the compiled-cost selection's figures, if it ran
+                     candidates_priced=[list(a) for a in
+                                        getattr(ex.plan, "alternatives", ())],
+                     candidates_measured=[list(m) for m in
+                                          getattr(ex.plan, "measured", ())]),
+                hlo)
 
 
 def prepare_manual(step, state, batch, plan: ManualPlan, devices) -> Runner:

@@ -134,10 +134,11 @@ def hierarchical_one(suite: str, gpus: int, profile: str, *,
                      name: str | None = None,
                      micro_batches=None,
                      baseline: bool = True, max_layers: int = 16,
-                     fusion_aware: bool = False) -> dict:
+                     fusion_aware: bool = True) -> dict:
   """The hierarchical plan of one point, its baselines, and the published
-  figures. ``fusion_aware``: the layer ILPs price non-matmul ops per fused
-  region (``compiler.fusion``), as XLA runs them on a GPU.
+  figures. ``fusion_aware`` (the default): the layer ILPs price non-matmul
+  ops per fused region (``compiler.fusion``), as XLA runs them on a GPU;
+  False prices every op at every byte it reads and writes.
 
   Raises:
     ValueError: a GPU count no submesh space covers (the message lists the

@@ -11,10 +11,17 @@ over-charges a layer norm or a GELU several times. The rule used here:
   it) unless it is made by a fusible op and every reader is a fusible op of
   the same body (step, scan body or cond branch); step and body results,
   and the results of reductions, are materialized;
-* a fusible op costs the bytes of its materialized operands and results
-  only (its share of the fused kernel's traffic); any other op (dot,
-  convolution, gather, scatter, sort, control flow, ...) keeps the bytes of
-  all it reads and writes.
+* a fused kernel ends at a *root*: a fusible op with a materialized result
+  (a reduction always is one); it takes in every fusible producer it
+  reaches through tensors that are not materialized. A producer reached by
+  two roots is computed in both kernels (XLA duplicates it rather than
+  writing it out), so a kernel reads each materialized tensor its producers
+  read: a softmax over scores reads the scores three times (max, sum of
+  exponentials, normalise), as XLA's three kernels do;
+* a root costs its kernel's traffic (the distinct materialized tensors the
+  kernel reads, and its results), the fused producers nothing; any other op
+  (dot, convolution, gather, scatter, sort, control flow, ...) keeps the
+  bytes of all it reads and writes.
 
 The calibrated cost model (``cost_features``) is fitted on the same
 after-fusion bytes, read from the optimized HLO (``hlo_kernels``), so the
@@ -64,14 +71,35 @@ def fused_bytes(graph) -> dict[int, float]:
       rs = readers.get(t, ())
       return bool(rs) and all(is_fusible(r.name) for r in rs)
 
+    reads: dict[int, frozenset] = {}  # op index -> materialized tensors
+
+    def kernel_reads(op) -> frozenset:
+      """The materialized tensors read by ``op`` and the producers fused
+      into it (ops come in program order, so producers are done first)."""
+      got = reads.get(op.index)
+      if got is None:
+        got = set()
+        for t in op.inputs:
+          if not isinstance(t, int):
+            continue
+          if internal(t):
+            got |= reads[made_here[t].index]
+          else:
+            got.add(t)
+        got = reads[op.index] = frozenset(got)
+      return got
+
     for op in body:
       if not is_fusible(op.name):
         out[op.index] = op.bytes_accessed
         continue
-      nbytes = sum(graph.tensor(t).nbytes for t in op.inputs
-                   if isinstance(t, int) and not internal(t))
-      nbytes += sum(graph.tensor(t).nbytes for t in op.outputs
-                    if not internal(t))
+      read = kernel_reads(op)
+      written = [t for t in op.outputs if not internal(t)]
+      if not written:  # fused into the kernels that read it
+        out[op.index] = 0.0
+        continue
+      nbytes = sum(graph.tensor(t).nbytes for t in read)
+      nbytes += sum(graph.tensor(t).nbytes for t in written)
       out[op.index] = float(nbytes)
   return out
 

@@ -3,22 +3,27 @@ arguments (``AutoShardingOption.measure_candidates``).
 
 Each candidate runs on fresh copies of the arguments it donates, placed in
 its own input layouts, so the caller's arrays are never donated or changed
-and no step's result is kept. Candidates are timed in turn (A B C ...
-A B C ..., after one warm-up step each), each step blocked on before the
-next starts: a slow spell of a shared machine hits every candidate, and no
-more than one step is ever in flight.
+and no step's result is kept. Candidates are timed in turn, one step of
+each per round (after one warm-up step each), each step blocked on before
+the next starts: a slow spell of a shared machine hits every candidate, and
+no more than one step is ever in flight. The order within a round is a
+seeded shuffle, so that no candidate always runs right after the same one
+(a step inherits its predecessor's deallocations and cache state), and
+Python's garbage collector is paused during a round.
 """
 
 from __future__ import annotations
 
+import gc
+import random
 import statistics
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
-ROUNDS = 3
+ROUNDS = 5
 
 
 def concrete(leaves: Sequence) -> bool:
@@ -48,10 +53,34 @@ def time_tasks(tasks: dict, leaves: Sequence, donated: Sequence[int],
   kept = {name: [None if i in donated else jax.device_put(x, s)
                  for i, (x, s) in enumerate(zip(leaves, task.in_shardings))]
           for name, task in tasks.items()}
-  for name, task in tasks.items():
-    _run_once(task, leaves, donated, kept[name])  # warm-up
-  times: dict = {name: [] for name in tasks}
-  for _ in range(rounds):
-    for name, task in tasks.items():
-      times[name].append(_run_once(task, leaves, donated, kept[name]))
+  return interleaved_medians(
+      {name: (lambda t=task, k=kept[name]: _run_once(t, leaves, donated, k))
+       for name, task in tasks.items()}, rounds)
+
+
+def interleaved_medians(steps: dict[str, Callable[[], float]], rounds: int,
+                        seed: int = 0) -> dict:
+  """Name -> median of ``rounds`` timings of ``steps[name]()`` (each call
+  runs one blocked step and returns its seconds). One warm-up call each,
+  then per round one call of each in a seeded shuffled order, with the
+  garbage collector paused inside a round."""
+  if rounds < 1:
+    raise ValueError(f"rounds (={rounds!r}) must be >= 1")
+  for fn in steps.values():
+    fn()
+  rng = random.Random(seed)
+  names = list(steps)
+  times: dict = {name: [] for name in names}
+  enabled = gc.isenabled()
+  try:
+    for _ in range(rounds):
+      gc.collect()
+      gc.disable()
+      for name in rng.sample(names, len(names)):
+        times[name].append(steps[name]())
+      if enabled:
+        gc.enable()
+  finally:
+    if enabled:
+      gc.enable()
   return {name: statistics.median(ts) for name, ts in times.items()}

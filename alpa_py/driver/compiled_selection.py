@@ -15,8 +15,8 @@ ILP's three cheapest meshes (XLA's sharding propagation lays out the rest:
 it may shard a dispatch or a gradient more cheaply than the plan's op-by-op
 layouts), and the same pass with fewer choices (the inputs in the
 data-parallel, ZeRO-2 and ZeRO-3 layouts); each is compiled as it would be
-on its own, and the cheapest is kept (or the fastest measured of the
-cheapest few).
+on its own, and the fastest measured is kept (or, for abstract arguments
+or with ``measure_candidates=0``, the cheapest priced).
 """
 
 from __future__ import annotations
@@ -136,13 +136,10 @@ def _compile(compile_config, name, cfg, profile):
   return seconds, name, step
 
 
-# candidates timed when ``measure_candidates`` is None
-DEFAULT_MEASURED = 3
-
-
-def measured_count(config: ShardConfig) -> int:
+def measured_count(config: ShardConfig, num_candidates: int) -> int:
+  """How many of the cheapest candidates are timed (None: all of them)."""
   m = config.option.measure_candidates
-  return DEFAULT_MEASURED if m is None else m
+  return num_candidates if m is None else min(m, num_candidates)
 
 
 def select(compile_config: Callable, config: ShardConfig, num_devices: int,
@@ -176,7 +173,7 @@ def select(compile_config: Callable, config: ShardConfig, num_devices: int,
   priced.sort(key=lambda p: p[0])
   seconds, name, best = priced[0]
   measured = ()
-  k = measured_count(config)
+  k = measured_count(config, len(priced))
   if k > 0 and len(priced) > 1 and leaves is not None and \
       candidate_timing.concrete(leaves):
     timed = {n: step.task for _, n, step in priced[:k]}

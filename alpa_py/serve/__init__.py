@@ -1,0 +1,12 @@
+"""Multi-LoRA serving in the manner of Punica (MLSys '24): a batched decode
+engine over a paged KV cache with a bounded device cache of adapters.
+
+  from alpa_py import serve
+  engine = serve.Engine(model, params, max_batch=32, page_size=16)
+  outs = engine.generate([serve.Request(prompt=[1, 5, 9], adapter=3)])
+"""
+
+from alpa_py.serve.engine import Engine, EngineStats, Event
+from alpa_py.serve.request import Request
+
+__all__ = ["Engine", "EngineStats", "Event", "Request"]
