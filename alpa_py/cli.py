@@ -214,6 +214,8 @@ def _simulate(args) -> int:
   with open(stem + ".json", "w") as f:
     json.dump(rows, f, indent=1, default=str)
   print(f"wrote {stem}.json")
+  if not args.no_plot:
+    print(f"wrote {hier.plot(rows, stem + '.png')}")
   return 0
 
 
@@ -232,6 +234,23 @@ def cmd_bench(args) -> int:
                            profiles=tuple(args.profiles.split(",")))
   print(suite.table(result))
   print("wrote " + ", ".join(suite.save(result, args.out, plot=not args.no_plot)))
+  return 0
+
+
+def cmd_serve_sim(args) -> int:
+  from alpa_py.serve import sim_report
+  try:
+    result = sim_report.compare(
+        args.workload, args.gpus,
+        None if args.policy == "all" else args.policy.split(","),
+        requests=args.requests, seed=args.seed, cv=args.cv,
+        max_batch=args.max_batch)
+  except ValueError as e:
+    print(f"alpa-py serve-sim: {e}", file=sys.stderr)
+    return 2
+  print(sim_report.table(result))
+  print("wrote " + ", ".join(sim_report.save(result, args.out,
+                                             not args.no_plot)))
   return 0
 
 
@@ -285,7 +304,24 @@ def main(argv=None) -> int:
   b.add_argument("--quick", action="store_true", help="tiny config, 2 steps")
   b.add_argument("--no-plot", action="store_true")
   b.add_argument("--out", default="bench_out")
+  v = sub.add_parser("serve-sim", help="simulate a multi-LoRA serving "
+                     "cluster: scheduling policies side by side on one trace")
+  v.add_argument("--workload", default="skewed", help="distinct, uniform, "
+                 "skewed, identical (Punica) or slora (S-LoRA)")
+  v.add_argument("--gpus", type=int, default=16)
+  v.add_argument("--policy", default="all", help="all, or a comma list of: "
+                 "punica, round-robin, least-loaded, one-adapter-per-batch, "
+                 "adapter-affinity")
+  v.add_argument("--requests", type=int, default=2000)
+  v.add_argument("--max-batch", type=int, default=32)
+  v.add_argument("--cv", type=float, default=1.0,
+                 help="arrival gaps' coefficient of variation (1: Poisson)")
+  v.add_argument("--seed", type=int, default=0)
+  v.add_argument("--no-plot", action="store_true")
+  v.add_argument("--out", default="bench_out")
   args = parser.parse_args(argv)
+  if args.command == "serve-sim":
+    return cmd_serve_sim(args)
   _setup_devices(args.devices)
   if args.command == "bench" and args.simulate and args.config is None:
     args.weak_scaling = True

@@ -230,3 +230,17 @@ def test_every_candidate_is_timed_unless_a_count_is_given():
   assert compiled_selection.measured_count(cfg(2), 8) == 2
   assert compiled_selection.measured_count(cfg(20), 8) == 8
   assert compiled_selection.measured_count(cfg(0), 8) == 0
+
+
+def test_a_near_tie_is_timed_again_longer(monkeypatch):
+  from alpa_py.driver import candidate_timing
+  calls = []
+
+  def fake(tasks, leaves, donated, rounds=5):
+    calls.append((sorted(tasks), rounds))
+    return {"a": 1.0, "b": 1.05, "c": 2.0} if len(calls) == 1 else \
+        {"a": 1.2, "b": 1.1}
+  monkeypatch.setattr(candidate_timing, "time_tasks", fake)
+  got = candidate_timing.race({"a": 0, "b": 0, "c": 0}, [], [])
+  assert calls == [(["a", "b", "c"], 5), (["a", "b"], 10)]
+  assert got == {"a": 1.2, "b": 1.1, "c": 2.0}

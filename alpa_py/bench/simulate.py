@@ -119,27 +119,3 @@ def intra_op_table(rows: list[dict]) -> str:
         f"{other:>18} {r['estimated_peak_bytes'] / 2**30:11.1f} "
         f"{str(r['fits']):>5} {r['ilp']['solve_seconds']:6.1f}")
   return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: str) -> str:
-  """Predicted vs published TFLOPS/GPU over the GPU counts."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  gpus = [r["gpus"] for r in rows]
-  fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot(gpus, [r["predicted_tflops_per_gpu"] for r in rows], "o-",
-          label=f"alpa_py predicted ({rows[0]['profile']})")
-  for name in rows[0]["published"]:
-    vals = [r["published"].get(name) for r in rows]
-    ax.plot([g for g, v in zip(gpus, vals) if v is not None],
-            [v for v in vals if v is not None], "s--", label=f"{name} (published)")
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("GPUs (weak scaling)")
-  ax.set_ylabel("TFLOPS per GPU")
-  ax.set_title(f"{rows[0]['suite']}: predicted vs published")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return path

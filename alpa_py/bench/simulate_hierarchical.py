@@ -271,3 +271,37 @@ def breakdown_table(rows: list[dict]) -> str:
         f"{b['bubble_seconds']:.2f} | {b['once_per_step_seconds']:.2f} | "
         f"{r['plan']['step_seconds']:.2f} |")
   return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> str:
+  """TFLOPS/GPU in Alpa's convention over the GPU counts: alpa_py's plan,
+  the baseline planned by the same model, and the published figures."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  gpus = [r["gpus"] for r in rows]
+  fig, ax = plt.subplots(figsize=(6, 4))
+
+  def series(key):
+    return [(g, r[key]["tflops_alpa"]) for g, r in zip(gpus, rows)
+            if r.get(key) and r[key].get("fits")]
+  for key, style, label in (("plan", "o-", "alpa_py plan (predicted)"),
+                            ("baseline", "^-", "baseline, same model")):
+    pts = series(key)
+    if pts:
+      ax.plot(*zip(*pts), style, label=label)
+  for name in rows[0]["published"]:
+    pts = [(g, r["published"].get(name)) for g, r in zip(gpus, rows)
+           if r["published"].get(name) is not None]
+    if pts:
+      ax.plot(*zip(*pts), "s--", label=f"{name} (published)")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("GPUs (weak scaling)")
+  ax.set_ylabel("TFLOPS per GPU (Alpa's convention)")
+  ax.set_title(f"{rows[0]['suite']} on {rows[0]['profile']}: "
+               f"{rows[0].get('nonmatmul_pricing', '')}", fontsize=8)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path

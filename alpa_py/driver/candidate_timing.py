@@ -24,6 +24,9 @@ import jax
 import numpy as np
 
 ROUNDS = 5
+# candidates within this share of the fastest are timed again, longer
+RACE_MARGIN = 0.10
+RACE_ROUNDS = 10
 
 
 def concrete(leaves: Sequence) -> bool:
@@ -84,3 +87,17 @@ def interleaved_medians(steps: dict[str, Callable[[], float]], rounds: int,
     if enabled:
       gc.enable()
   return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def race(tasks: dict, leaves: Sequence, donated: Sequence[int],
+         rounds: int = ROUNDS, margin: float = RACE_MARGIN,
+         extra_rounds: int = RACE_ROUNDS) -> dict:
+  """``time_tasks``, then the candidates within ``margin`` of the fastest
+  timed again over ``extra_rounds`` rounds among themselves (a near-tie is
+  decided by the longer run; the others keep their first medians)."""
+  times = time_tasks(tasks, leaves, donated, rounds)
+  best = min(times.values())
+  close = {n: t for n, t in tasks.items() if times[n] <= (1 + margin) * best}
+  if len(close) > 1 and extra_rounds > 0:
+    times.update(time_tasks(close, leaves, donated, extra_rounds))
+  return times

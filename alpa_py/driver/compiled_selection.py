@@ -179,7 +179,7 @@ def select(compile_config: Callable, config: ShardConfig, num_devices: int,
     timed = {n: step.task for _, n, step in priced[:k]}
     with _progress.step(f"compiled-cost selection: timing the {len(timed)} "
                         "cheapest on the devices"):
-      times = candidate_timing.time_tasks(timed, leaves, donated)
+      times = candidate_timing.race(timed, leaves, donated)
     measured = tuple(sorted(times.items(), key=lambda kv: kv[1]))
     name = measured[0][0]
     seconds, _, best = next(p for p in priced if p[1] == name)
