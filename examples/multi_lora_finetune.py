@@ -69,6 +69,13 @@ def build(batch=16, seq=16, vocab=64, hidden=64, layers=2, lr=3e-2):
 
 def run(steps=30, verbose=True):
   """Trains; returns (first losses, last losses, base identical?)."""
+  first, last, same, _ = train(steps, verbose)
+  return first, last, same
+
+
+def train(steps=30, verbose=True):
+  """Trains; returns (first losses, last losses, base identical?, the
+  trained state)."""
   state, train_step, (batch, seq, vocab) = build()
   base_before = jax.tree_util.tree_map_with_path(
       lambda path, x: None if is_lora_param(path) else np.asarray(x),
@@ -88,7 +95,7 @@ def run(steps=30, verbose=True):
       state.params)
   same = all(np.array_equal(a, b) for a, b in zip(
       jax.tree_util.tree_leaves(base_before), jax.tree_util.tree_leaves(base_after)))
-  return first, last, same
+  return first, last, same, state
 
 
 def main():

@@ -154,6 +154,12 @@ def lower_and_compile(traced: TracedStep, planned: PlannedStep, sig: Signature,
     fn = accumulation.make_accumulating_fn(graph, best, mesh, part,
                                            sig.batch_inputs, n)
   ins, outs = io_shardings(graph, best, mesh)
+  if config.propagate:
+    # the state fed back leaves the step in the layout the next step reads
+    # (XLA converts it inside the program) rather than being resharded by
+    # the caller between steps
+    for o, i in traced.alias_pairs:
+      outs[o] = ins[i]
   arg_specs = [aval.sds(sharding=sh) for aval, sh in zip(sig.avals, ins)]
   with _progress.step("XLA lowering + compile"):
     task = Task.compile(fn, arg_specs, range(len(ins)), range(len(outs)), ins,

@@ -218,6 +218,9 @@ def simulate(requests: Sequence[SimRequest], policy: Policy, *, gpus: int,
       seq += 1
 
   done = 0
+  last_arrival = max(r.spec.arrival for r in reqs)
+  drained = None  # (time, finished) when the queue first empties after the
+  # last arrival: the completion rate while the cluster was saturated
   while events:
     now, kind, _, obj = heapq.heappop(events)
     if kind == 0:
@@ -243,6 +246,8 @@ def simulate(requests: Sequence[SimRequest], policy: Policy, *, gpus: int,
       continue
     dispatch()
     start_steps()
+    if drained is None and now >= last_arrival and not queue:
+      drained = (now, done)
   if done != len(reqs):
     raise RuntimeError(f"{len(reqs) - done} requests never finished "
                        "(a request larger than a GPU's KV pool?)")
@@ -259,6 +264,9 @@ def simulate(requests: Sequence[SimRequest], policy: Policy, *, gpus: int,
       p50_seconds_per_output_token=_percentile(tpot, 50),
       p99_seconds_per_output_token=_percentile(tpot, 99),
       gpu_seconds=sum(g.held_seconds for g in cluster),
+      saturated_requests_per_s=(drained[1] / (drained[0] - start)
+                                if drained and drained[0] > start and
+                                drained[1] else None),
       preemptions=preemptions,
       adapter_loads=sum(g.loads for g in cluster),
       max_batch=max_batch, num_pages=num_pages, page_size=page_size,
