@@ -4,6 +4,7 @@ import importlib.util
 import pathlib
 
 import numpy as np
+import pytest
 
 
 def _example():
@@ -19,3 +20,19 @@ def test_eight_adapters_learn_and_base_is_frozen():
   assert first.shape == (8,)
   assert np.all(last < first), (first, last)
   assert base_identical
+
+
+@pytest.mark.slow
+def test_serving_example_answers_as_the_full_model():
+  import sys
+  path = pathlib.Path(__file__).parent.parent / "examples"
+  sys.path.insert(0, str(path))
+  try:
+    spec = importlib.util.spec_from_file_location(
+        "multi_lora_serving", path / "multi_lora_serving.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    *_, state = mod.finetune.train(steps=3, verbose=False)
+    assert mod.serve_adapters(state, vocab=64, new=4, verbose=False)
+  finally:
+    sys.path.remove(str(path))

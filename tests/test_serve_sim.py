@@ -102,3 +102,12 @@ def test_punica_batches_beat_one_adapter_per_batch_on_distinct():
   assert by["half", "punica"]["gpu_seconds"] < \
       by["half", "least-loaded"]["gpu_seconds"]
   assert "roofline" in res["step_time_model"]
+
+
+def test_serve_sim_cli_refuses_bad_input(capsys):
+  from alpa_py import cli
+  assert cli.main(["serve-sim", "--workload", "zipf"]) == 2
+  assert "distinct" in capsys.readouterr().err
+  assert cli.main(["serve-sim", "--gpus", "0"]) == 2
+  assert cli.main(["serve-sim", "--policy", "fastest"]) == 2
+  assert "punica" in capsys.readouterr().err

@@ -67,13 +67,13 @@ class AutoShardingOption:
       arguments (copies: the caller's arrays are neither donated nor
       changed; one warm-up step, then the median of 5 interleaved rounds
       in shuffled order; those within 10% of the fastest are timed again
-      over 10 rounds among themselves) and keep the fastest measured. A price's error
-      (about 20-30% on the calibrated CPU model) exceeds the gap between
-      near-tied plans; a measurement does not. 0: choose by price alone.
-      None: every compiled candidate (they are compiled already; timing
-      costs 6 steps each, 17 for a near-tie). A call with abstract arguments
-      (``get_executable`` on ``ShapeDtypeStruct``s) or a non-local backend
-      chooses by price.
+      over 10 rounds among themselves) and keep the fastest measured. A
+      price's error (about 20-30% on the calibrated CPU model) exceeds the
+      gap between near-tied plans; a measurement does not. 0: choose by
+      price alone. None: every compiled candidate (they are compiled
+      already; timing costs 6 steps each, 17 for a near-tie). A call with
+      abstract arguments (``get_executable`` on ``ShapeDtypeStruct``s) or a
+      non-local backend chooses by price.
   """
 
   memory_budget_per_device: float | None = None

@@ -35,8 +35,11 @@ KV_MEMORY_FRACTION = 0.8
 
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
-  """Counters since the engine was made (``tokens_per_s``: generated
-  tokens over the wall time spent in ``step``)."""
+  """Counters since the engine was made: ``tokens_per_s`` is generated
+  tokens over the wall time spent in ``step``; ``kv_pages_used`` the most
+  pages held at once; ``mean_distinct_adapters`` counts adapters (not the
+  base model) per step; ``preemptions`` the requests preempted and later
+  re-prefilled."""
 
   steps: int
   mean_batch_size: float

@@ -20,6 +20,13 @@ def compare(workload: str, gpus: int, policies=None, *, requests: int = 2000,
             cv: float = 1.0, progress: bool = True, **engine) -> dict:
   """Every policy on the same trace at the saturating rate and half of
   it; returns the rows and the rates."""
+  if not isinstance(gpus, int) or gpus < 1:
+    raise ValueError(f"gpus (={gpus!r}) must be an int >= 1")
+  if not isinstance(requests, int) or requests < 1:
+    raise ValueError(f"requests (={requests!r}) must be an int >= 1")
+  if workload not in workloads.WORKLOADS:
+    raise ValueError(f"unknown workload {workload!r}; choose one of "
+                     f"{workloads.WORKLOADS}")
   model = model or simulator.StepTimeModel.roofline()
   policies = list(policies or POLICIES)
   for p in policies:
