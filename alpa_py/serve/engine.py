@@ -257,16 +257,15 @@ class Engine:
     while self._waiting and running + len(new) < self.max_batch:
       s = self._waiting.popleft()
       in_use = self._in_use(self._running + new)
-      # a fresh sequence prefills its prompt; a preempted one its tokens
-      # but the last (whose K/V the next decode writes)
-      ctx = len(s.tokens) - (1 if s.generated else 0)
       if not self.adapters.can_admit(s.req.adapter, in_use):
         skipped.append(s)
         continue
-      if not self.pool.can_hold(s.rid, ctx + (1 if s.generated else 0)):
+      # a fresh sequence prefills its prompt; a preempted one its tokens but
+      # the last, whose K/V the next decode writes: room for all its tokens
+      if not self.pool.can_hold(s.rid, len(s.tokens)):
         self._waiting.appendleft(s)
         break
-      self.pool.reserve(s.rid, ctx + (1 if s.generated else 0))
+      self.pool.reserve(s.rid, len(s.tokens))
       self.adapters.ensure(s.req.adapter, in_use)
       s.admitted = self._admissions
       self._admissions += 1

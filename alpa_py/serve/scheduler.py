@@ -51,14 +51,29 @@ class Policy:
     """Forgets any state (a new run)."""
 
 
+def _fullest(gpus) -> int | None:
+  """The GPU with the largest batch (ties: most free pages, lowest id)."""
+  if not gpus:
+    return None
+  return max(gpus, key=lambda g: (g.batch, g.free_pages, -g.gid)).gid
+
+
+def _emptiest(gpus) -> int | None:
+  """The GPU with the smallest batch (ties: most free pages, lowest id)."""
+  if not gpus:
+    return None
+  return min(gpus, key=lambda g: (g.batch, -g.free_pages, g.gid)).gid
+
+
+def _with_room(gpus, pages) -> list:
+  return [g for g in gpus if g.has_room(pages)]
+
+
 class Punica(Policy):
   name = "punica"
 
   def choose(self, adapter, pages, gpus):
-    ok = [g for g in gpus if g.has_room(pages)]
-    if not ok:
-      return None
-    return max(ok, key=lambda g: (g.batch, g.free_pages, -g.gid)).gid
+    return _fullest(_with_room(gpus, pages))
 
 
 class RoundRobin(Policy):
@@ -84,34 +99,24 @@ class LeastLoaded(Policy):
   name = "least-loaded"
 
   def choose(self, adapter, pages, gpus):
-    ok = [g for g in gpus if g.has_room(pages)]
-    if not ok:
-      return None
-    return min(ok, key=lambda g: (g.batch, -g.free_pages, g.gid)).gid
+    return _emptiest(_with_room(gpus, pages))
 
 
 class OneAdapterPerBatch(Policy):
   name = "one-adapter-per-batch"
 
   def choose(self, adapter, pages, gpus):
-    ok = [g for g in gpus if g.has_room(pages) and
-          g.batch_adapters <= frozenset((adapter,))]
-    if not ok:
-      return None
-    return max(ok, key=lambda g: (g.batch, g.free_pages, -g.gid)).gid
+    return _fullest([g for g in _with_room(gpus, pages)
+                     if g.batch_adapters <= frozenset((adapter,))])
 
 
 class AdapterAffinity(Policy):
   name = "adapter-affinity"
 
   def choose(self, adapter, pages, gpus):
-    ok = [g for g in gpus if g.has_room(pages)]
-    if not ok:
-      return None
+    ok = _with_room(gpus, pages)
     warm = [g for g in ok if adapter < 0 or adapter in g.cached_adapters]
-    if warm:
-      return max(warm, key=lambda g: (g.batch, g.free_pages, -g.gid)).gid
-    return min(ok, key=lambda g: (g.batch, -g.free_pages, g.gid)).gid
+    return _fullest(warm) if warm else _emptiest(ok)
 
 
 POLICIES = {p.name: p for p in (Punica, RoundRobin, LeastLoaded,

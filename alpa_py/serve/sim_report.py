@@ -66,10 +66,9 @@ def table(result: dict) -> str:
            f"{'p50 s/tok':>10}{'p99 s/tok':>10}{'GPU-s':>9}{'preempt':>8}"
            f"{'x punica':>9}"]
   rows = result["rows"]
+  punica = {x["load"]: x for x in rows if x["policy"] == "punica"}
   for r in rows:
-    ref = next(x for x in rows if x["load"] == r["load"] and
-               x["policy"] == "punica") if any(
-                   x["policy"] == "punica" for x in rows) else r
+    ref = punica.get(r["load"], r)
     lines.append(
         f"{r['load']:<11}{r['policy']:<23}{r['throughput_tokens_per_s']:10.0f}"
         f"{r['output_tokens_per_s']:10.0f}"

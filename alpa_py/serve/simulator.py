@@ -83,7 +83,6 @@ class StepTimeModel:
 class _Req:
   spec: SimRequest
   generated: int = 0
-  first_token: float | None = None
   finish: float | None = None
   admitted: int = -1
   preemptions: int = 0
@@ -103,7 +102,6 @@ class _Gpu:
     self.running: list[_Req] = []
     self.pending: list[_Req] = []  # joins at the next step (prefill)
     self.cache: collections.OrderedDict = collections.OrderedDict()
-    self.busy_until = 0.0
     self.stepping = False
     self.held_since: float | None = None
     self.held_seconds = 0.0
@@ -231,8 +229,6 @@ def simulate(requests: Sequence[SimRequest], policy: Policy, *, gpus: int,
       g.stepping = False
       for r in g.running:
         r.generated += 1
-        if r.first_token is None:
-          r.first_token = now
         if r.generated >= r.spec.output_len:
           r.finish = now
           done += 1
