@@ -35,6 +35,9 @@ setup(
         "tf": ["tensorflow-cpu>=2.21,<3; sys_platform == 'linux'",
                "tensorflow>=2.21,<3; sys_platform != 'linux'"],
         "gpu": ["cupy-cuda13x>=13,<15"],
+        # alpa-py serve: the OpenAI-compatible HTTP API (httpx: its tests'
+        # client)
+        "serve": ["fastapi>=0.110,<1", "uvicorn>=0.29,<1", "httpx>=0.27,<1"],
         # benchmarks/newton.py: digits data and the jaxopt baseline
         "bench": ["scikit-learn>=1.4,<2", "jaxopt>=0.8,<0.9"],
     },

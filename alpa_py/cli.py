@@ -5,6 +5,8 @@
   alpa-py plan   compile a step and print its sharding plan (no training)
   alpa-py bench  compare plans on a benchmark config (measured + predicted),
                  or simulate large configs on GPU clusters (--simulate)
+  alpa-py serve  serve a multi-LoRA GPT over an OpenAI-compatible HTTP API
+  alpa-py serve-sim  simulate a multi-LoRA serving cluster's policies
 """
 
 from __future__ import annotations
@@ -254,6 +256,40 @@ def cmd_serve_sim(args) -> int:
   return 0
 
 
+def cmd_serve(args) -> int:
+  from alpa_py.serve import checkpoint, make_router
+  import importlib.util
+  missing = [m for m in ("fastapi", "uvicorn")
+             if importlib.util.find_spec(m) is None]
+  if missing:
+    print(f"alpa-py serve: {', '.join(missing)} not installed; install the "
+          "HTTP dependencies with `pip install alpa_py[serve]`",
+          file=sys.stderr)
+    return 2
+  from alpa_py.serve import http
+  try:
+    cfg = checkpoint.load_config(args.model_config)
+    if args.adapters:
+      params = checkpoint.load_params(args.adapters, cfg)
+      print(f"loaded {cfg.lora_adapters} adapters from {args.adapters}")
+    else:
+      params = checkpoint.init_params(cfg, args.seed)
+      print("no --adapters: serving freshly initialised weights")
+    router = make_router(cfg, params, args.engines, args.cluster, args.policy,
+                         max_batch=args.max_batch, page_size=args.page_size)
+  except ValueError as e:
+    print(f"alpa-py serve: {e}", file=sys.stderr)
+    return 2
+  print(f"{args.engines} engine(s) ({args.cluster}), policy {args.policy}; "
+        f"models: {', '.join(http.model_names(cfg.lora_adapters)[:4])} ...; "
+        f"http://{args.host}:{args.port}/v1/completions")
+  try:
+    http.serve_forever(router, args.host, args.port)
+  finally:
+    router.close()
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="alpa-py", description=__doc__,
                                    formatter_class=argparse.RawTextHelpFormatter)
@@ -319,13 +355,30 @@ def main(argv=None) -> int:
   v.add_argument("--seed", type=int, default=0)
   v.add_argument("--no-plot", action="store_true")
   v.add_argument("--out", default="bench_out")
+  s = sub.add_parser("serve", help="serve a multi-LoRA GPT over an "
+                     "OpenAI-compatible HTTP API")
+  s.add_argument("--model-config", required=True,
+                 help="JSON of GPTConfig fields (lora_adapters > 0)")
+  s.add_argument("--adapters", default=None, help="the orbax checkpoint "
+                 "`examples/multi_lora_finetune.py --save DIR` writes")
+  s.add_argument("--host", default="127.0.0.1")
+  s.add_argument("--port", type=int, default=8000)
+  s.add_argument("--engines", type=int, default=1, help="one per device")
+  s.add_argument("--cluster", choices=("local", "ray"), default="local")
+  s.add_argument("--policy", default="punica")
+  s.add_argument("--max-batch", type=int, default=32)
+  s.add_argument("--page-size", type=int, default=16)
+  s.add_argument("--devices", type=int, default=8,
+                 help="simulated CPU devices (ignored on a GPU machine)")
+  s.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   if args.command == "serve-sim":
     return cmd_serve_sim(args)
   _setup_devices(args.devices)
   if args.command == "bench" and args.simulate and args.config is None:
     args.weak_scaling = True
-  return {"demo": cmd_demo, "plan": cmd_plan, "bench": cmd_bench}[args.command](args)
+  return {"demo": cmd_demo, "plan": cmd_plan, "bench": cmd_bench,
+          "serve": cmd_serve}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -3,99 +3,25 @@ the full model's, request by request, whatever batch a request runs in;
 pages are recycled, requests are preempted and recomputed, adapters are
 swapped through a bounded device cache, and bad input is refused."""
 
-import functools
-
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
+from serve_models import check_greedy, tiny_model, workload
 
 from alpa_py import serve
 from alpa_py.models.gpt import GPT, GPTConfig
 from alpa_py.serve import decoder
 
-NUM_ADAPTERS = 8
-CFG = GPTConfig(vocab_size=64, seq_len=32, hidden=32, num_heads=4,
-                num_layers=2, lora_adapters=NUM_ADAPTERS, lora_rank=4)
-
-
-@functools.lru_cache(maxsize=None)
-def _model():
-  model = GPT(CFG)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, CFG.seq_len),
-                                                        jnp.int32),
-                      jnp.zeros((1,), jnp.int32))
-  # adapters that change the output: random nonzero B
-  keys = iter(jax.random.split(jax.random.PRNGKey(1), 64))
-
-  def nonzero(path, x):
-    if getattr(path[-1], "key", None) == "lora_B":
-      return 0.5 * jax.random.normal(next(keys), x.shape, x.dtype)
-    return x
-  params = jax.tree_util.tree_map_with_path(nonzero, params)
-  return model, params
-
-
-@functools.lru_cache(maxsize=None)
-def _reference_logits():
-  model, params = _model()
-
-  @jax.jit
-  def logits(tokens, adapter):  # tokens padded to seq_len (causal model)
-    return model.apply(params, tokens[None], adapter[None])[0]
-  return logits
-
-
-def _check_greedy(req, out):
-  """``out`` is greedy decoding of ``req`` alone by the full model (where
-  the reference's top two logits are within 1e-5, either is accepted)."""
-  f = _reference_logits()
-  seq = list(req.prompt)
-  assert 0 < len(out) <= req.max_new_tokens
-  for i, tok in enumerate(out):
-    padded = np.zeros(CFG.seq_len, np.int32)
-    padded[:len(seq)] = seq
-    row = np.asarray(f(padded, np.int32(req.adapter)))[len(seq) - 1]
-    best = int(np.argmax(row))
-    if tok != best:
-      assert row[best] - row[tok] <= 1e-5, (req, i, tok, best)
-    seq.append(tok)
-  if len(out) < req.max_new_tokens:
-    assert out[-1] in req.stop
-
-
-def _workload(kind: str, n: int, seed: int = 0):
-  rng = np.random.default_rng(seed)
-  if kind == "distinct":
-    adapters = [i % NUM_ADAPTERS for i in range(n)]
-  elif kind == "uniform":
-    adapters = list(rng.integers(0, 3, n))  # ~sqrt(n) adapters
-  elif kind == "skewed":
-    p = 1.0 / np.arange(1, NUM_ADAPTERS + 1) ** 1.5
-    adapters = list(rng.choice(NUM_ADAPTERS, n, p=p / p.sum()))
-  else:
-    adapters = [3] * n
-  reqs = []
-  for i, a in enumerate(adapters):
-    plen = int(rng.integers(1, 12))
-    reqs.append(serve.Request(
-        prompt=[int(t) for t in rng.integers(0, CFG.vocab_size, plen)],
-        adapter=int(a) if i % 5 else -1,  # some requests use the base model
-        max_new_tokens=int(rng.integers(1, 12))))
-  return reqs
-
 
 @pytest.mark.parametrize("kind", ["distinct", "uniform", "skewed",
                                   "identical"])
 def test_tokens_equal_the_full_model_request_by_request(kind):
-  model, params = _model()
-  reqs = _workload(kind, 12)
+  model, params = tiny_model()
+  reqs = workload(kind, 12)
   # 4 rows for 12 requests: requests join as others leave; a small pool
   # recycles pages (and preempts when it runs short)
   engine = serve.Engine(model, params, max_batch=4, page_size=4, num_pages=14)
   outs = engine.generate(reqs)
   for req, out in zip(reqs, outs):
-    _check_greedy(req, out)
+    check_greedy(req, out)
   st = engine.stats
   assert st.generated_tokens == sum(len(o) for o in outs)
   assert 1 < st.mean_batch_size <= 4
@@ -104,7 +30,7 @@ def test_tokens_equal_the_full_model_request_by_request(kind):
 
 
 def test_preempted_requests_are_recomputed_and_still_exact():
-  model, params = _model()
+  model, params = tiny_model()
   reqs = [serve.Request(prompt=[i + 1, 2 * i + 3], adapter=i,
                         max_new_tokens=20) for i in range(4)]
   # 4 requests of up to 22 tokens = 24 pages of 4 at the end; 12 pages
@@ -112,11 +38,11 @@ def test_preempted_requests_are_recomputed_and_still_exact():
   outs = engine.generate(reqs)
   assert engine.stats.preemptions > 0
   for req, out in zip(reqs, outs):
-    _check_greedy(req, out)
+    check_greedy(req, out)
 
 
 def test_stop_tokens_end_a_request():
-  model, params = _model()
+  model, params = tiny_model()
   engine = serve.Engine(model, params, max_batch=2)
   req = serve.Request(prompt=[5, 6, 7], adapter=2, max_new_tokens=10)
   full = engine.generate([req])[0]
@@ -128,11 +54,11 @@ def test_stop_tokens_end_a_request():
 
 
 def test_sampling_depends_on_the_seed_not_the_batch():
-  model, params = _model()
+  model, params = tiny_model()
   req = serve.Request(prompt=[9, 8, 7], adapter=1, max_new_tokens=8,
                       temperature=1.0, seed=11)
   alone = serve.Engine(model, params, max_batch=4).generate([req])[0]
-  others = _workload("distinct", 5, seed=3)
+  others = workload("distinct", 5, seed=3)
   mixed = serve.Engine(model, params, max_batch=4).generate(
       others[:2] + [req] + others[2:])[2]
   assert alone == mixed
@@ -143,8 +69,8 @@ def test_sampling_depends_on_the_seed_not_the_batch():
 
 
 def test_bounded_adapter_cache_loads_evicts_and_never_overfills():
-  model, params = _model()
-  reqs = _workload("distinct", 10)
+  model, params = tiny_model()
+  reqs = workload("distinct", 10)
   engine = serve.Engine(model, params, max_batch=4, adapter_cache=2)
   rids = [engine.submit(r) for r in reqs]
   out = {rid: [] for rid in rids}
@@ -158,14 +84,14 @@ def test_bounded_adapter_cache_loads_evicts_and_never_overfills():
   assert st.adapter_loads >= len(used) and st.adapter_evictions > 0
   assert st.adapter_loads - st.adapter_evictions <= 2
   for req, rid in zip(reqs, rids):
-    _check_greedy(req, out[rid])
+    check_greedy(req, out[rid])
 
 
 def test_decode_compiles_once_per_batch_bucket():
-  model, params = _model()
+  model, params = tiny_model()
   engine = serve.Engine(model, params, max_batch=8)
   before = decoder.decode_step._cache_size()
-  engine.generate(_workload("uniform", 20, seed=5))
+  engine.generate(workload("uniform", 20, seed=5))
   # buckets 1, 2, 4, 8 at most, whatever the 20 requests' lengths
   assert decoder.decode_step._cache_size() - before <= 4
 
@@ -180,7 +106,7 @@ def test_decode_compiles_once_per_batch_bucket():
     (dict(prompt=[1] * 30, max_new_tokens=8), "seq_len"),
 ])
 def test_bad_requests_are_refused_by_name(bad, match):
-  model, params = _model()
+  model, params = tiny_model()
   engine = serve.Engine(model, params, max_batch=2)
   with pytest.raises(ValueError, match=match):
     engine.generate([serve.Request(**bad)])
@@ -188,7 +114,7 @@ def test_bad_requests_are_refused_by_name(bad, match):
 
 
 def test_a_pool_too_small_for_one_request_is_refused():
-  model, params = _model()
+  model, params = tiny_model()
   engine = serve.Engine(model, params, max_batch=2, page_size=4, num_pages=2)
   with pytest.raises(ValueError, match="too small.*num_pages"):
     engine.submit(serve.Request(prompt=[1, 2, 3], max_new_tokens=8))

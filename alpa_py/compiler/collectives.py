@@ -52,11 +52,13 @@ def strategy_kinds(name: str) -> set[str]:
   return kinds
 
 
-def plan_events(graph: OpGraph, solution,
-                surcharges=None) -> list[CollectiveEvent]:
+def plan_events(graph: OpGraph, solution, surcharges=None,
+                aliases=()) -> list[CollectiveEvent]:
   """Every collective ``solution`` implies for ``graph``, by op, including
   those ``surcharges`` (``compiler.surcharge``) charged to chosen
-  strategies."""
+  strategies, and the conversion of each fed-back output (``aliases``:
+  (output tensor, input tensor)) to its input's layout at the step's end,
+  charged to the op that makes it."""
   events = []
   surcharges = surcharges or {}
   for op_idx, name in solution.op_strategies:
@@ -97,6 +99,15 @@ def plan_events(graph: OpGraph, solution,
         events.extend(CollectiveEvent(k, op_idx, pos) for k in resharding_kinds(
             spec_of.get(ref, replicated(rank)), spec_of.get(t, replicated(rank)),
             mesh_shape))
+  maker = {t: op.index for op in graph.ops for t in op.outputs}
+  for out_t, in_t in aliases:
+    if out_t not in maker or not graph.tensor(out_t).shape:
+      continue
+    rank = len(graph.tensor(out_t).shape)
+    events.extend(CollectiveEvent(k, maker[out_t], None) for k in
+                  resharding_kinds(spec_of.get(out_t, replicated(rank)),
+                                   spec_of.get(in_t, replicated(rank)),
+                                   mesh_shape))
   return events
 
 

@@ -154,12 +154,12 @@ def lower_and_compile(traced: TracedStep, planned: PlannedStep, sig: Signature,
     fn = accumulation.make_accumulating_fn(graph, best, mesh, part,
                                            sig.batch_inputs, n)
   ins, outs = io_shardings(graph, best, mesh)
-  if config.propagate:
-    # the state fed back leaves the step in the layout the next step reads
-    # (XLA converts it inside the program) rather than being resharded by
-    # the caller between steps
-    for o, i in traced.alias_pairs:
-      outs[o] = ins[i]
+  # the state fed back leaves the step in the layout the next step reads:
+  # XLA converts it inside the program (the ILP priced that conversion on
+  # its alias edges, ``plan_events`` counts it) rather than the caller
+  # resharding it between steps
+  for o, i in traced.alias_pairs:
+    outs[o] = ins[i]
   arg_specs = [aval.sds(sharding=sh) for aval, sh in zip(sig.avals, ins)]
   with _progress.step("XLA lowering + compile"):
     task = Task.compile(fn, arg_specs, range(len(ins)), range(len(outs)), ins,
@@ -179,7 +179,8 @@ def describe(traced: TracedStep, planned: PlannedStep, sig: Signature,
     # an accumulating step runs its body in a loop: the static count of its
     # HLO is not the plan's, so it is not compared
     platform = mesh.devices.flat[0].platform
-    events = plan_events(graph, best, planned.surcharge_map)
+    events = plan_events(graph, best, planned.surcharge_map,
+                         traced.graph_aliases)
     counts = (count_collectives(graph, events, platform),
               collective_counts(task.hlo_text()))
   plan = make_plan(graph, best, sig.paths, len(graph.outvars),
@@ -221,7 +222,8 @@ def with_collective_replans(plan_with: Callable[[dict], PlannedStep],
     sol = step.planned.solution
     known = step.planned.surcharge_map
     charged = new_surcharges(
-        traced.graph, sol, plan_events(traced.graph, sol, known),
+        traced.graph, sol,
+        plan_events(traced.graph, sol, known, traced.graph_aliases),
         collectives(step.task.hlo_text()),
         _logical_mesh(config, sol.mesh_shape), known,
         forbidden=config.forbidden_collectives)

@@ -4,9 +4,15 @@ engine over a paged KV cache with a bounded device cache of adapters.
   from alpa_py import serve
   engine = serve.Engine(model, params, max_batch=32, page_size=16)
   outs = engine.generate([serve.Request(prompt=[1, 5, 9], adapter=3)])
+
+Several engines (in this process or as Ray actors) behind a scheduling
+policy: ``serve.make_router``; the OpenAI-compatible HTTP API:
+``serve.http`` (``alpa-py serve``).
 """
 
+from alpa_py.serve.cluster import LocalEngines, RayEngines, Router, make_router
 from alpa_py.serve.engine import Engine, EngineStats, Event
 from alpa_py.serve.request import Request
 
-__all__ = ["Engine", "EngineStats", "Event", "Request"]
+__all__ = ["Engine", "EngineStats", "Event", "LocalEngines", "RayEngines",
+           "Request", "Router", "make_router"]

@@ -66,6 +66,10 @@ class AdapterCache:
   def resident(self, adapter: int) -> bool:
     return adapter < 0 or adapter in self._where
 
+  def cached(self) -> list[int]:
+    """The adapters resident now."""
+    return list(self._where)
+
   def slot(self, adapter: int) -> int:
     """The slot of a resident adapter (-1 for the base model)."""
     if adapter < 0:

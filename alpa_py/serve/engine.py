@@ -28,6 +28,7 @@ from alpa_py.serve import decoder
 from alpa_py.serve.adapters import AdapterCache, host_adapters
 from alpa_py.serve.kv_cache import PagePool
 from alpa_py.serve.request import Request
+from alpa_py.serve.scheduler import GpuView
 
 # share of the device memory left after the weights that the KV pool takes
 KV_MEMORY_FRACTION = 0.8
@@ -178,6 +179,17 @@ class Engine:
   @property
   def has_work(self) -> bool:
     return bool(self._waiting or self._running)
+
+  def view(self, gid: int = 0) -> GpuView:
+    """What a scheduling policy sees of this engine: its requests (running
+    and queued), the KV pages left once the queued ones' prompts are
+    placed, and its adapters."""
+    queued = list(self._waiting)
+    promised = sum(self.pool.pages_for(len(s.tokens)) for s in queued)
+    return GpuView(gid, len(self._running) + len(queued), self.max_batch,
+                   self.pool.free - promised,
+                   frozenset(self._in_use(self._running + queued)),
+                   frozenset(self.adapters.cached()))
 
   def generate(self, requests: Sequence[Request]) -> list[list[int]]:
     """Runs ``requests`` to completion (with whatever else is queued);

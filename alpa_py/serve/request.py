@@ -61,3 +61,6 @@ class Request:
     if bad:
       raise ValueError(f"Request.stop holds token id(s) {bad[:5]} outside "
                        f"[0, {vocab_size})")
+    sd = self.seed
+    if not isinstance(sd, int) or isinstance(sd, bool) or not 0 <= sd < 2**32:
+      raise ValueError(f"Request.seed (={sd!r}) must be an int in [0, 2**32)")

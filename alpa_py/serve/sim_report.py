@@ -63,8 +63,8 @@ def table(result: dict) -> str:
            f"{result['capacity_requests_per_s']:.2f} req/s (offline, "
            f"{result['capacity_policy']})",
            f"{'load':<11}{'policy':<23}{'tokens/s':>10}{'out tok/s':>10}"
-           f"{'p50 s/tok':>10}{'p99 s/tok':>10}{'GPU-s':>9}{'preempt':>8}"
-           f"{'x punica':>9}"]
+           f"{'steady':>9}{'p50 s/tok':>10}{'p99 s/tok':>10}{'GPU-s':>9}"
+           f"{'preempt':>8}{'x punica':>9}{'steady x':>9}"]
   rows = result["rows"]
   punica = {x["load"]: x for x in rows if x["policy"] == "punica"}
   for r in rows:
@@ -72,12 +72,26 @@ def table(result: dict) -> str:
     lines.append(
         f"{r['load']:<11}{r['policy']:<23}{r['throughput_tokens_per_s']:10.0f}"
         f"{r['output_tokens_per_s']:10.0f}"
+        f"{_num(r['steady_output_tokens_per_s'], 9, 0)}"
         f"{r['p50_seconds_per_output_token']:10.4f}"
         f"{r['p99_seconds_per_output_token']:10.4f}{r['gpu_seconds']:9.0f}"
         f"{r['preemptions']:8d}"
-        f"{r['throughput_tokens_per_s'] / ref['throughput_tokens_per_s']:9.2f}")
+        f"{r['throughput_tokens_per_s'] / ref['throughput_tokens_per_s']:9.2f}"
+        f"{_num(_ratio(r, ref, 'steady_output_tokens_per_s'), 9, 2)}")
+  lines.append("tokens/s, out tok/s: over the whole run (drain included); "
+               "steady: output tokens/s while requests arrive; x punica: "
+               "a policy's figure / Punica's")
   lines.append(f"step-time model: {result['step_time_model']}")
   return "\n".join(lines)
+
+
+def _ratio(r, ref, key):
+  a, b = r.get(key), ref.get(key)
+  return a / b if a is not None and b else None
+
+
+def _num(v, width, digits) -> str:
+  return f"{v:{width}.{digits}f}" if v is not None else f"{'-':>{width}}"
 
 
 def plot(result: dict, path: str) -> str:
