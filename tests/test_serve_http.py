@@ -38,6 +38,24 @@ def test_router_over_two_engines_gives_the_full_models_tokens(policy):
   assert not router.has_work
 
 
+def test_preempted_requests_are_placed_again_and_stay_exact():
+  _, params = tiny_model()
+  # pools of 6 pages of 4 tokens: long requests run the pools short
+  router = serve.make_router(CFG, params, num_engines=2, policy="punica",
+                             max_batch=4, page_size=4, num_pages=6)
+  reqs = [serve.Request(prompt=[i + 1, 2 * i + 3], adapter=i % 8,
+                        max_new_tokens=14) for i in range(8)]
+  reqs.append(serve.Request(prompt=[5, 6], adapter=2, max_new_tokens=9,
+                            temperature=0.7, seed=11))
+  outs = router.generate(reqs)
+  assert router.preemptions > 0
+  for req, out in zip(reqs[:-1], outs[:-1]):
+    check_greedy(req, out)
+  model, _ = tiny_model()
+  alone = serve.Engine(model, params, max_batch=1, page_size=4)
+  assert outs[-1] == alone.generate([reqs[-1]])[0]  # sampling resumes exactly
+
+
 def test_router_refuses_bad_requests_before_queueing():
   _, params = tiny_model()
   router = serve.make_router(CFG, params, num_engines=1, max_batch=2)
@@ -184,10 +202,11 @@ def test_ray_engines_give_the_full_models_tokens():
                              policy="least-loaded", max_batch=3, page_size=4,
                              num_pages=12)
   try:
-    reqs = workload("distinct", 8, seed=2)
-    outs = router.generate(reqs)
-    for req, out in zip(reqs, outs):
-      check_greedy(req, out)
+    for kind in ("distinct", "uniform", "skewed", "identical"):
+      reqs = workload(kind, 8, seed=2)
+      outs = router.generate(reqs)
+      for req, out in zip(reqs, outs):
+        check_greedy(req, out)
     assert all(s.steps > 0 for s in router.stats)  # both engines served
   finally:
     router.close()

@@ -14,7 +14,9 @@ stops it on ``close``).
 A request is placed when the policy finds an engine with a free row and KV
 room (the oldest queued requests are offered first; one the policy leaves
 queued keeps its place). A request preempted inside an engine (its KV pool
-ran short) is re-queued and re-prefilled on that same engine.
+ran short) comes back to the router's queue, ahead of new ones, and is
+placed again by the policy (possibly on another engine), where its prompt
+and the tokens it generated so far are re-prefilled.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ import numpy as np
 from alpa_py.serve.engine import Engine, EngineStats, Event
 from alpa_py.serve.request import Request
 from alpa_py.serve.scheduler import GpuView, Policy, get_policy
+
+
+def _step(engine: Engine):
+  """One step of ``engine``: its events, and the requests it preempted
+  (taken out of its queue, for the router to place again)."""
+  return engine.step(), engine.release_preempted()
 
 
 def _engine(cfg, params, device, options):
@@ -58,11 +66,11 @@ class LocalEngines:
   def views(self) -> list[GpuView]:
     return [e.view(i) for i, e in enumerate(self.engines)]
 
-  def submit(self, i: int, request: Request) -> int:
-    return self.engines[i].submit(request)
+  def submit(self, i: int, request: Request, generated=()) -> int:
+    return self.engines[i].submit(request, generated)
 
-  def step(self, which: Sequence[int]) -> list[list[Event]]:
-    return [self.engines[i].step() for i in which]
+  def step(self, which: Sequence[int]) -> list[tuple[list[Event], list]]:
+    return [_step(self.engines[i]) for i in which]
 
   def stats(self) -> list[EngineStats]:
     return [e.stats for e in self.engines]
@@ -85,11 +93,11 @@ class _EngineActor:
   def view(self, gid):
     return self.engine.view(gid)
 
-  def submit(self, request):
-    return self.engine.submit(request)
+  def submit(self, request, generated):
+    return self.engine.submit(request, generated)
 
   def step(self):
-    return self.engine.step()
+    return _step(self.engine)
 
   def stats(self):
     return self.engine.stats
@@ -135,10 +143,11 @@ class RayEngines:
   def views(self) -> list[GpuView]:
     return self._get(a.view.remote(i) for i, a in enumerate(self.actors))
 
-  def submit(self, i: int, request: Request) -> int:
-    return self._get([self.actors[i].submit.remote(request)])[0]
+  def submit(self, i: int, request: Request, generated=()) -> int:
+    return self._get([self.actors[i].submit.remote(request,
+                                                   list(generated))])[0]
 
-  def step(self, which: Sequence[int]) -> list[list[Event]]:
+  def step(self, which: Sequence[int]) -> list[tuple[list[Event], list]]:
     return self._get(self.actors[i].step.remote() for i in which)
 
   def stats(self) -> list[EngineStats]:
@@ -179,10 +188,13 @@ class Router:
     self.cfg = engines.cfg
     self.policy = get_policy(policy) if isinstance(policy, str) else policy
     self.scan_limit = scan_limit
-    self._queue: collections.deque[tuple[int, Request]] = collections.deque()
+    # (id, request, tokens it generated before a preemption)
+    self._queue: collections.deque[tuple[int, Request, list]] = \
+        collections.deque()
     self._placed: dict[int, _Placed] = {}
     self._back: dict[tuple[int, int], int] = {}
     self._next = 0
+    self.preemptions = 0  # requests preempted and placed again
 
   def check(self, request: Request) -> None:
     """Raises ValueError naming a bad field (``Request.check``)."""
@@ -195,7 +207,7 @@ class Router:
     self.check(request)
     rid = self._next
     self._next += 1
-    self._queue.append((rid, request))
+    self._queue.append((rid, request, []))
     return rid
 
   @property
@@ -210,14 +222,14 @@ class Router:
     kept = collections.deque()
     scanned = 0
     while self._queue and scanned < self.scan_limit:
-      rid, req = self._queue.popleft()
+      rid, req, generated = item = self._queue.popleft()
       scanned += 1
-      pages = -(-(len(req.prompt) + 1) // page_size)
+      pages = -(-(len(req.prompt) + len(generated) + 1) // page_size)
       gid = self.policy.choose(req.adapter, pages, views)
       if gid is None:
-        kept.append((rid, req))
+        kept.append(item)
         continue
-      local = self.engines.submit(gid, req)
+      local = self.engines.submit(gid, req, generated)
       self._placed[rid] = _Placed(gid, local)
       self._back[(gid, local)] = rid
       v = views[gid]
@@ -233,14 +245,21 @@ class Router:
     request; returns the events under the router's request ids."""
     self._place()
     busy = sorted({p.engine for p in self._placed.values()})
-    events = []
-    for gid, evs in zip(busy, self.engines.step(busy)):
+    events, again = [], []
+    for gid, (evs, preempted) in zip(busy, self.engines.step(busy)):
       for ev in evs:
         rid = self._back[(gid, ev.rid)]
         events.append(Event(rid, ev.token, ev.finished))
         if ev.finished:
           del self._back[(gid, ev.rid)]
           del self._placed[rid]
+      for local, req, generated in preempted:
+        rid = self._back.pop((gid, local))
+        del self._placed[rid]
+        again.append((rid, req, generated))
+    # preempted requests go first, oldest first, wherever the policy says
+    self._queue.extendleft(reversed(sorted(again, key=lambda x: x[0])))
+    self.preemptions += len(again)
     return events
 
   def generate(self, requests: Sequence[Request]) -> list[list[int]]:

@@ -69,6 +69,7 @@ class _Seq:
   tokens: list  # prompt + generated
   generated: list
   admitted: int = -1  # admission order (preemption takes the newest)
+  preempted: bool = False
 
   @property
   def done(self) -> bool:
@@ -154,8 +155,11 @@ class Engine:
 
   # -- requests --------------------------------------------------------------
 
-  def submit(self, request: Request) -> int:
-    """Queues ``request``; returns its id (events name it).
+  def submit(self, request: Request, generated: Sequence[int] = ()) -> int:
+    """Queues ``request``; returns its id (events name it). ``generated``:
+    the tokens it already generated elsewhere (a request preempted on
+    another engine resumes here: its context is re-prefilled and sampling
+    goes on from its next token).
 
     Raises:
       ValueError: a bad request (the message names the field), or one that
@@ -173,8 +177,19 @@ class Engine:
           f"({need} pages): raise num_pages or page_size")
     rid = self._next_rid
     self._next_rid += 1
-    self._waiting.append(_Seq(rid, request, list(request.prompt), []))
+    self._waiting.append(_Seq(rid, request,
+                              list(request.prompt) + list(generated),
+                              list(generated)))
     return rid
+
+  def release_preempted(self) -> list[tuple[int, Request, list[int]]]:
+    """Takes the preempted requests out of this engine's queue, to be
+    placed again elsewhere: (id, request, tokens generated so far) each."""
+    out = [(s.rid, s.req, list(s.generated)) for s in self._waiting
+           if s.preempted]
+    self._waiting = collections.deque(s for s in self._waiting
+                                      if not s.preempted)
+    return out
 
   @property
   def has_work(self) -> bool:
@@ -259,6 +274,7 @@ class Engine:
   def _preempt(self, s: _Seq) -> None:
     self.pool.release(s.rid)
     self._preemptions += 1
+    s.preempted = True
     self._waiting.appendleft(s)
 
   def _admit(self, running: int) -> list[_Seq]:
@@ -279,6 +295,7 @@ class Engine:
         break
       self.pool.reserve(s.rid, len(s.tokens))
       self.adapters.ensure(s.req.adapter, in_use)
+      s.preempted = False
       s.admitted = self._admissions
       self._admissions += 1
       new.append(s)
