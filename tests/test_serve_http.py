@@ -218,3 +218,32 @@ def test_cli_serve_refuses_a_bad_config_by_name(tmp_path, capsys):
   bad.write_text(json.dumps({"hidden": 32, "lora_adapters": 0}))
   assert cli.main(["serve", "--model-config", str(bad)]) == 2
   assert "lora_adapters" in capsys.readouterr().err
+
+
+class _FailingRouter:
+  """A router whose engines fail on their first step."""
+
+  cfg = CFG
+  has_work = False
+
+  def check(self, request):
+    pass
+
+  def submit(self, request):
+    self.has_work = True
+    return 0
+
+  def step(self):
+    raise RuntimeError("device lost")
+
+
+def test_an_engine_failure_is_a_500_then_503_never_a_hang():
+  srv = http.Server(_FailingRouter())
+  try:
+    body = {"model": "base", "prompt": [1], "max_tokens": 2}
+    r = httpx.post(srv.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 500 and "device lost" in r.text
+    r = httpx.post(srv.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 503 and "failed earlier" in r.text
+  finally:
+    srv.close()

@@ -95,7 +95,10 @@ class EngineLoop:
       for ev in events:
         cb = self._listeners.get(ev.rid)
         if cb is not None:
-          cb(ev)
+          try:
+            cb(ev)
+          except RuntimeError:  # its client's event loop is gone
+            pass
           if ev.finished:
             del self._listeners[ev.rid]
 
@@ -201,9 +204,12 @@ def make_app(loop: EngineLoop):
       return error(400, str(e))
     aio = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    for i, r in enumerate(reqs):
-      loop.submit(r, lambda ev, i=i: aio.call_soon_threadsafe(
-          events.put_nowait, (i, ev)))
+    try:
+      for i, r in enumerate(reqs):
+        loop.submit(r, lambda ev, i=i: aio.call_soon_threadsafe(
+            events.put_nowait, (i, ev)))
+    except RuntimeError as e:  # the engine failed earlier
+      return error(503, str(e), "server_error")
     head = {"id": f"cmpl-{next(ids)}", "object": "text_completion",
             "created": int(time.time()), "model": model}
     if stream:
