@@ -194,6 +194,7 @@ def test_checkpoint_round_trip_and_config_errors(tmp_path):
     checkpoint.load_params(str(tmp_path / "nowhere"), CFG)
 
 
+@pytest.mark.slow  # starts a Ray cluster and two engine actors (~40 s)
 def test_ray_engines_give_the_full_models_tokens():
   os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
   pytest.importorskip("ray")
