@@ -9,6 +9,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["alpa_py", "alpa_py.*"]),
+    # recorded LoRA backend measurements (benchmarks/lora_kernels.py --record)
+    package_data={"alpa_py.kernels": ["*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.0,<0.12",

@@ -119,3 +119,55 @@ def test_bad_inputs():
     lora.sgmv(x, A, B, jnp.array([0, 4]), jnp.array([0, 1]), scale)
   with pytest.raises(ValueError, match="do not chain"):
     lora.bgmv(x, A[:, :4], B, jnp.zeros(4, jnp.int32), scale)
+
+
+@pytest.mark.parametrize("t,h_in,h_out,r", [(5, 40, 24, 7), (3, 96, 130, 64),
+                                            (16, 256, 512, 16)])
+def test_fused_bgmv_any_size_and_gpu_lowering(t, h_in, h_out, r):
+  """The fused decode kernel covers sizes that are not powers of two with
+  masked tiles (no padded copy of the adapters), and both kernels lower
+  for CUDA through Pallas's Triton backend from this machine (its
+  power-of-two rule is checked at lowering)."""
+  x, A, B, scale, key = make(t, h_in, h_out, r, jnp.float32, seed=t)
+  ids = jax.random.randint(key, (t,), -1, N_ADAPTERS)
+  ranks = jnp.asarray([r, max(1, r // 2), 1, r, 3 % r + 1, r])
+  got = lora.bgmv(x, A, B, ids, scale, ranks=ranks, backend="pallas",
+                  interpret=True)
+  check(got, lora.bgmv(x, A, B, ids, scale, ranks=ranks, backend="reference"),
+        jnp.float32)
+  assert np.all(np.asarray(got)[np.asarray(ids) < 0] == 0)
+  starts = jnp.asarray([0, t // 2, t], jnp.int32)
+  for fn in (lambda x_: lora.bgmv(x_, A, B, ids, scale, ranks=ranks,
+                                  backend="pallas", interpret=False),
+             lambda x_: lora.sgmv(x_, A, B, starts, jnp.asarray([1, -1]),
+                                  scale, backend="pallas", interpret=False)):
+    jax.jit(fn).trace(x).lower(lowering_platforms=("cuda",))
+
+
+def test_auto_backend_follows_recorded_measurements(tmp_path, monkeypatch):
+  from alpa_py.kernels import lora_tuning
+  monkeypatch.setenv("ALPA_PY_CACHE_DIR", str(tmp_path))
+  monkeypatch.setattr(lora_tuning, "PACKAGED", tmp_path / "none.json")
+  lora_tuning.records.cache_clear()
+  x, A, B, scale, key = make(16, 64, 64, 8, jnp.float32)
+  ids = popularity("uniform", 16, N_ADAPTERS, key)
+  prims = lambda: {e.primitive.name for e in jax.make_jaxpr(
+      lambda x_: lora.bgmv(x_, A, B, ids, scale))(x).jaxpr.eqns}
+  try:
+    # no record for this device: gather + batched matmul off GPU
+    if jax.default_backend() != "gpu":
+      assert "ragged_dot_general" not in prims()
+    kind = lora_tuning.device_kind()
+    rec = lambda t, best: dict(layout="bgmv", dtype="float32", tokens=t,
+                               rank=8, h_in=64, h_out=64, best=best, us={})
+    lora_tuning.write(kind, [rec(1, "reference"), rec(32, "ragged_dot")])
+    # 16 tokens: nearer the 32-token record (log2 distance 1 vs 4)
+    assert "ragged_dot_general" in prims()
+    check(lora.bgmv(x, A, B, ids, scale),
+          lora.bgmv(x, A, B, ids, scale, backend="reference"), jnp.float32)
+    (tmp_path / "lora_choices.json").write_text('{"schema": 0}')
+    lora_tuning.records.cache_clear()
+    with pytest.raises(ValueError, match="schema 0, expected 1"):
+      lora.bgmv(x, A, B, ids, scale)
+  finally:
+    lora_tuning.records.cache_clear()

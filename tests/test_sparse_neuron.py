@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from alpa_py.kernels import sparse_neuron as sn
 from alpa_py.kernels.sparse_neuron import FiringIndex
+from alpa_py.optim.sparse_sgd import sparse_sgd_step
 from alpa_py.models.sparse_mlp import (SparseMLP, SparseSGD, dense_forward,
                                        dense_sgd_step)
 
@@ -191,7 +192,7 @@ def test_sparse_training_equals_dense(backend):
   np.asarray(variables["params"]["kernel"])
 
 
-def test_union_overflow_runs_dense_with_warning():
+def test_union_overflow_runs_in_several_runs_with_warning():
   X, y = _problem(seed=1)
   b = 2.5
   model = SparseMLP(width=3000, threshold=b)
@@ -199,17 +200,74 @@ def test_union_overflow_runs_dense_with_warning():
   opt = SparseSGD(model, learning_rate=0.5, capacity=16)
   index = opt.init(variables, X)
   W, a = variables["params"]["kernel"], variables["constants"]["a"]
+  # the step is exact although the union overflows the capacity: it goes
+  # through the union in runs of 16
+  index, loss, info = opt.step(index, variables, y)
+  assert bool(info.overflow) and int(info.union) > 2 * 16
+  W, dloss = dense_sgd_step(W, a, X, y, b, 0.5)
+  np.testing.assert_allclose(float(loss), float(dloss), rtol=1e-6)
+  np.testing.assert_allclose(index.W, W, rtol=1e-5, atol=1e-6)
+  union = int(info.union)
+  # its size is read one step behind: the next step warns and grows it
   with pytest.warns(UserWarning, match=r"more than the union capacity \(=16\)"):
     index, loss, info = opt.step(index, variables, y)
-  assert bool(info.dense) and opt.capacity >= int(info.union)
+  assert opt.capacity >= union
   W, dloss = dense_sgd_step(W, a, X, y, b, 0.5)
   np.testing.assert_allclose(float(loss), float(dloss), rtol=1e-6)
   index, loss, info = opt.step(index, variables, y)
-  assert not bool(info.dense)
+  assert not bool(info.overflow) and not bool(info.dense)
   W, dloss = dense_sgd_step(W, a, X, y, b, 0.5)
   np.testing.assert_allclose(index.W, W, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match=r"y has shape \(3,\)"):
     opt.step(index, variables, y[:3])
+  with pytest.raises(ValueError, match=r"capacity \(=0\) must be >= 1"):
+    sparse_sgd_step(index, a, y, b, 0.5, capacity=0)
+
+
+@pytest.mark.parametrize("capacity", [64, 8])
+def test_sparse_step_makes_no_host_transfer(capacity):
+  """The step is one device program: the union is found on the device,
+  and an overflowing one (capacity 8) is gone through in runs, not read
+  back to choose a program."""
+  X, y = _problem(seed=2)
+  b = 2.5
+  model = SparseMLP(width=3000, threshold=b)
+  variables = model.init(jax.random.PRNGKey(2), X)
+  W, a = variables["params"]["kernel"], variables["constants"]["a"]
+  index = FiringIndex.build(W, X)
+  b_dev, lr = jnp.float32(b), jnp.float32(0.5)
+  sparse_sgd_step(index, a, y, b_dev, lr, capacity=capacity)  # compiles
+  index = FiringIndex.build(W, X)
+  with jax.transfer_guard("disallow"):
+    for _ in range(3):
+      index, loss, info = sparse_sgd_step(index, a, y, b_dev, lr,
+                                          capacity=capacity)
+  for _ in range(3):
+    W, _ = dense_sgd_step(W, a, X, y, b, 0.5)
+  np.testing.assert_allclose(index.W, W, rtol=1e-5, atol=1e-6)
+  assert bool(info.overflow) == (int(info.union) > capacity)
+
+
+def _lowers_for_gpu(fn, *args):
+  """Lowers ``fn`` for CUDA from this machine (the Pallas Triton lowering
+  runs without a GPU): the power-of-two rule is checked here."""
+  jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("n,d,k", [(48, 12, 17), (130, 7, 40), (1000, 64, 64)])
+def test_pallas_kernels_lower_for_gpu_at_any_width(n, d, k):
+  rng = np.random.default_rng(n)
+  m = 300
+  index = FiringIndex.build(rng.normal(size=(m, d)), rng.normal(size=(n, d)),
+                            block=32)
+  a = jnp.asarray(rng.normal(size=(m,)).astype(np.float32))
+  ids = jnp.asarray(rng.choice(m, k, replace=False).astype(np.int32))
+  v = jnp.asarray(rng.normal(size=(n,)).astype(np.float32))
+  _lowers_for_gpu(lambda c, i: sn.forward_pallas(c, i, a, 0.3,
+                                                 interpret=False),
+                  index.corr, ids)
+  _lowers_for_gpu(lambda c, i: sn.transpose_apply_pallas(
+      c, index.X, i, a, 0.3, v, interpret=False), index.corr, ids)
 
 
 def test_sparse_training_example_learns_and_matches_dense():

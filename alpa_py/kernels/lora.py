@@ -21,16 +21,20 @@ Backends (``backend=``):
   tile loads its adapter's ``A`` and ``B`` once and does the shrink (looping
   over ``H_in`` in ``block_k`` chunks) and the expand (over ``H_out`` in
   ``block_o`` chunks) on the matrix units. Tiles of no adapter are skipped.
-  For ``bgmv`` (decode: few tokens, any adapters) a per-token kernel: one
-  program per token for the shrink and one per (token, output chunk) for
-  the expand, with no sorting of tokens. Both read each adapter they use
+  For ``bgmv`` (decode: few tokens, any adapters) one fused program per
+  token does the shrink and the expand (its ``r`` values stay in
+  registers), with no sorting of tokens, no copy of the adapters (masked
+  power-of-two tiles cover any size) and no work for tokens without an
+  adapter. Both lower through Pallas's Triton backend, named explicitly. Both read each adapter they use
   about once per tile/token, the operator's memory bound. On CPU they run
   with ``interpret=True``.
 * ``ragged_dot``: tokens sorted by adapter, then two ``jax.lax.ragged_dot``.
 * ``reference``: per-token gather of the adapter weights, in plain jnp.
-* ``auto``: ``pallas`` on GPU; elsewhere ``reference`` (gather + batched
-  matmul), which on CPU runs 7-15x faster than XLA's ``ragged_dot`` there
-  (``benchmarks/lora_kernels.py``).
+* ``auto``: the backend measured fastest at the nearest recorded size on
+  this device kind (:mod:`alpa_py.kernels.lora_tuning`, written by
+  ``benchmarks/lora_kernels.py --record``); with no records, ``pallas`` on
+  GPU and elsewhere ``reference`` (gather + batched matmul), which on CPU
+  runs 7-15x faster than XLA's ``ragged_dot`` there.
 
 Gradients: a ``custom_vjp`` whose backward is the ``ragged_dot``
 formulation's (for ``x``, ``A``, ``B`` and ``scale``).
@@ -44,8 +48,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from alpa_py.kernels import _backend
+from alpa_py.kernels import lora_tuning
 
 BACKENDS = ("auto", "pallas", "ragged_dot", "reference")
 
@@ -173,85 +179,98 @@ def _precision(dtype):
   return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _bgmv_shrink_kernel(ids_ref, x_ref, a_ref, scale_ref, rank_ref, v_ref, *,
-                        block_k, num_k):
+def _pow2(x: int) -> int:
+  return 1 << max(0, int(x) - 1).bit_length()
+
+
+# the Triton backend, named (jax 0.10 lowers a pallas_call without
+# parameters through Mosaic GPU, which wants 128-aligned copies)
+_TRITON = plt.CompilerParams(num_warps=4, num_stages=2)
+
+
+def _bgmv_kernel(ids_ref, x_ref, a_ref, b_ref, scale_ref, rank_ref, y_ref, *,
+                 block_k, block_o, h_in, h_out, r):
+  """One token: its adapter's shrink ``v = x A`` kept in registers, then
+  the expand ``v B`` chunk by chunk, in one program. Every load and store
+  is a masked power-of-two tile, so any ``H_in``, ``H_out`` and ``r`` work
+  without padding (copying) the adapters; a token without an adapter
+  (id -1) only writes zeros."""
   t = pl.program_id(0)
   a = ids_ref[t]
-  r = a_ref.shape[-1]
+  r_pad = _pow2(r)
+  rank_cols = jnp.arange(r_pad) < r
 
   @pl.when(a < 0)
   def _skip():
-    v_ref[t, :] = jnp.zeros((r,), v_ref.dtype)
+    def zero(o, carry):
+      cols = o * block_o + jnp.arange(block_o)
+      plt.store(y_ref.at[t, pl.ds(o * block_o, block_o)],
+                jnp.zeros((block_o,), y_ref.dtype), mask=cols < h_out)
+      return carry
+
+    jax.lax.fori_loop(0, pl.cdiv(h_out, block_o), zero, 0)
 
   @pl.when(a >= 0)
   def _run():
-    def step(k, acc):
-      xk = x_ref[t, pl.ds(k * block_k, block_k)].astype(jnp.float32)
-      ak = a_ref[a, pl.ds(k * block_k, block_k), :].astype(jnp.float32)
+    def shrink(k, acc):
+      rows = k * block_k + jnp.arange(block_k)
+      inside = rows < h_in
+      xk = plt.load(x_ref.at[t, pl.ds(k * block_k, block_k)], mask=inside,
+                    other=0).astype(jnp.float32)
+      ak = plt.load(a_ref.at[a, pl.ds(k * block_k, block_k), pl.ds(0, r_pad)],
+                    mask=inside[:, None] & rank_cols[None, :],
+                    other=0).astype(jnp.float32)
       return acc + jnp.sum(xk[:, None] * ak, axis=0)
 
-    acc = jax.lax.fori_loop(0, num_k, step, jnp.zeros((r,), jnp.float32))
-    cols = jax.lax.broadcasted_iota(jnp.int32, (r,), 0)
-    v_ref[t, :] = jnp.where(cols < rank_ref[a], acc, 0.0) * scale_ref[a]
+    v = jax.lax.fori_loop(0, pl.cdiv(h_in, block_k), shrink,
+                          jnp.zeros((r_pad,), jnp.float32))
+    live = jnp.arange(r_pad) < rank_ref[a]
+    v = jnp.where(live, v, 0.0) * scale_ref[a]
 
+    def expand(o, carry):
+      cols = o * block_o + jnp.arange(block_o)
+      inside = cols < h_out
+      bo = plt.load(b_ref.at[a, pl.ds(0, r_pad), pl.ds(o * block_o, block_o)],
+                    mask=rank_cols[:, None] & inside[None, :],
+                    other=0).astype(jnp.float32)
+      plt.store(y_ref.at[t, pl.ds(o * block_o, block_o)],
+                jnp.sum(v[:, None] * bo, axis=0).astype(y_ref.dtype),
+                mask=inside)
+      return carry
 
-def _bgmv_expand_kernel(ids_ref, v_ref, b_ref, y_ref, *, block_o):
-  t, o = pl.program_id(0), pl.program_id(1)
-  a = ids_ref[t]
-
-  @pl.when(a < 0)
-  def _skip():
-    y_ref[t, pl.ds(o * block_o, block_o)] = jnp.zeros((block_o,), y_ref.dtype)
-
-  @pl.when(a >= 0)
-  def _run():
-    v = v_ref[t, :]
-    bo = b_ref[a, :, pl.ds(o * block_o, block_o)].astype(jnp.float32)
-    y_ref[t, pl.ds(o * block_o, block_o)] = jnp.sum(
-        v[:, None] * bo, axis=0).astype(y_ref.dtype)
+    jax.lax.fori_loop(0, pl.cdiv(h_out, block_o), expand, 0)
 
 
 def _pallas_bgmv(x, A, B, scale, ranks, ids, blocks: LoRABlockSizes,
                  interpret: bool):
-  """Per-token kernel (decode): shrink with one program per token, expand
-  with one per (token, output chunk); no sorting or tiling of tokens.
-
-  Each token reads its adapter's A and B once: memory-bound, as the
-  operator is at decode batch sizes."""
+  """Per-token fused kernel (decode): one program per token does the
+  shrink and the expand, with no sorting or tiling of tokens and no copy
+  of the adapters. Each token reads its adapter's A and B once:
+  memory-bound, as the operator is at decode batch sizes."""
   t, h_in = x.shape
   n, _, r = A.shape
   h_out = B.shape[-1]
   if ranks is None:
     ranks = jnp.full((n,), r, jnp.int32)
-  r_pad = 1 << max(r - 1, 1).bit_length()
-  bk = min(blocks.block_k * 4, 1 << (h_in - 1).bit_length())
-  bo = min(blocks.block_o * 4, 1 << (h_out - 1).bit_length())
-  A = _pad_to(_pad_to(A, 2, r_pad), 1, bk)
-  B = _pad_to(_pad_to(B, 1, r_pad), 2, bo)
-  xp = _pad_to(x, 1, bk)
-  hi, ho = A.shape[1], B.shape[2]
-  full = lambda shape, nd: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+  r_pad = _pow2(r)
+  # register tiles of at most 8192 elements of A (or B) per step
+  bk = min(_pow2(blocks.block_k * 4), _pow2(h_in), max(1, 8192 // r_pad))
+  bo = min(_pow2(blocks.block_o * 4), _pow2(h_out), max(1, 8192 // r_pad))
+  full = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
   ids = ids.astype(jnp.int32)
   scale = scale.astype(jnp.float32)
   ranks = jnp.asarray(ranks, jnp.int32)
-  v = pl.pallas_call(
-      functools.partial(_bgmv_shrink_kernel, block_k=bk, num_k=hi // bk),
-      out_shape=jax.ShapeDtypeStruct((t, r_pad), jnp.float32),
+  return pl.pallas_call(
+      functools.partial(_bgmv_kernel, block_k=bk, block_o=bo, h_in=h_in,
+                        h_out=h_out, r=r),
+      out_shape=jax.ShapeDtypeStruct((t, h_out), x.dtype),
       grid=(t,),
-      in_specs=[full(ids.shape, 1), full(xp.shape, 1), full(A.shape, 1),
-                full(scale.shape, 1), full(ranks.shape, 1)],
-      out_specs=full((t, r_pad), 1),
+      in_specs=[full(ids.shape), full(x.shape), full(A.shape), full(B.shape),
+                full(scale.shape), full(ranks.shape)],
+      out_specs=full((t, h_out)),
       interpret=interpret,
-  )(ids, xp, A, scale, ranks)
-  y = pl.pallas_call(
-      functools.partial(_bgmv_expand_kernel, block_o=bo),
-      out_shape=jax.ShapeDtypeStruct((t, ho), x.dtype),
-      grid=(t, ho // bo),
-      in_specs=[full(ids.shape, 2), full(v.shape, 2), full(B.shape, 2)],
-      out_specs=full((t, ho), 2),
-      interpret=interpret,
-  )(ids, v, B)
-  return y[:, :h_out]
+      compiler_params=_TRITON,
+  )(ids, x, A, B, scale, ranks)
 
 
 def _tiles(group_sizes, group_adapter, num_tokens, block_t):
@@ -315,6 +334,7 @@ def _pallas_grouped(x, A, B, scale, ranks, group_sizes, group_adapter, order,
                 full(A.shape), full(B.shape), full((n,)), full((n,))],
       out_specs=pl.BlockSpec((blocks.block_t, ho), lambda i: (i, 0)),
       interpret=interpret,
+      compiler_params=_TRITON,
   )(tile_adapter, x_tiles, A, B, scale.astype(jnp.float32),
     jnp.asarray(ranks, jnp.int32))
   dest = jnp.where(valid, rows, t).reshape(-1)
@@ -449,6 +469,9 @@ def _run(x, A, B, ids, scale, ranks, backend, seg_starts, seg_ids, layout,
   """Dispatches to a backend (both layouts reduce to per-token ids except
   in the Pallas kernels)."""
   kind = _backend.resolve(backend, BACKENDS)
+  if backend == "auto":
+    kind = lora_tuning.choose(layout, x.dtype, x.shape[0], A.shape[-1],
+                              A.shape[1], B.shape[-1], default=kind)
   if kind == "reference":
     return bgmv_reference(x, A, B, ids, scale, ranks=ranks)
   if kind == "ragged_dot":

@@ -12,9 +12,11 @@ mean-squared error touches only the neurons that fire on some point:
 
 That is the dense gradient step exactly (the other neurons have zero
 gradient): :func:`dense_sgd_step` is the plain ``jax.jit`` version it is
-tested against. When more than ``capacity`` neurons fire, the step runs
-densely instead (same result) and :class:`SparseSGD` warns and grows the
-capacity for the following steps.
+tested against. The whole step is one program on the device (no host
+read of the union size). When more than ``capacity`` neurons fire, the
+step goes through the union in several runs of ``capacity`` (same result),
+and :class:`SparseSGD`, reading each step's size one step behind, warns
+and grows the capacity for the following steps.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ import jax.numpy as jnp
 
 from alpa_py.kernels.firing_index import check_threshold
 from alpa_py.kernels.firing_index import choose_capacity
+from alpa_py.kernels.firing_index import compact
 from alpa_py.kernels.firing_index import FiringIndex
 from alpa_py.kernels.sparse_kernels import dense_forward
 from alpa_py.kernels.sparse_kernels import forward
 from alpa_py.kernels.sparse_kernels import transpose_apply
+from alpa_py.kernels.sparse_kernels import resolve_backend as _resolve
 
 
 @jax.jit
@@ -48,46 +52,81 @@ def dense_sgd_step(W, a, X, y, b, lr):
 
 class StepInfo(NamedTuple):
   """What a sparse step touched: ``union`` neurons fired on some point,
-  ``pairs`` (point, neuron) firings in all, ``dense`` the step ran densely
-  because ``union`` exceeded the capacity."""
+  ``pairs`` (point, neuron) firings in all, ``overflow`` the union exceeded
+  the capacity, so the step went through it in ``ceil(union / capacity)``
+  chunks of the capacity (the same result, more passes)."""
 
   union: jax.Array
   pairs: jax.Array
-  dense: jax.Array
+  overflow: jax.Array
+
+  @property
+  def dense(self):
+    """The former name of ``overflow`` (the step used to run densely)."""
+    return self.overflow
 
 
-@functools.partial(jax.jit, static_argnames=("backend",), donate_argnums=(0,))
-def _step_on(index: FiringIndex, ids, valid, a, y, b, lr, backend):
-  f = forward(index, ids, a, b, backend=backend)
+def _chunk(fires, rank, c, capacity: int, num_neurons: int):
+  """Ids (padded with the padding row ``num_neurons``) and validity of the
+  ``c``-th run of ``capacity`` firing neurons, ascending: O(m)."""
+  lo = c * capacity
+  ids = compact(fires & (rank >= lo) & (rank < lo + capacity), capacity,
+                fill=num_neurons)
+  return ids, ids < num_neurons
+
+
+@functools.partial(jax.jit, static_argnames=("capacity", "backend"),
+                   donate_argnums=(0,))
+def _device_step(index: FiringIndex, a, y, b, lr, capacity: int, backend: str):
+  m = index.num_neurons
+  fires = index.neuron_max[:m] > b  # the union, from the per-neuron maxima
+  count = fires.sum(dtype=jnp.int32)
+  rank = jnp.cumsum(fires, dtype=jnp.int32) - 1
+  chunks = (count + capacity - 1) // capacity  # 1 unless the union overflows
+
+  def add_outputs(c, f):
+    ids, _ = _chunk(fires, rank, c, capacity, m)
+    return f + forward(index, ids, a, b, backend=backend)
+
+  f = jax.lax.fori_loop(0, chunks, add_outputs,
+                        jnp.zeros(y.shape, jnp.float32))
   err = f - y
   loss = 0.5 * jnp.mean(jnp.square(err))
-  grad = transpose_apply(index, ids, a, b, err / y.shape[0],
-                            backend=backend)
-  rows = jnp.take(index.W, ids, axis=0, mode="fill", fill_value=0)
-  pairs = jnp.sum(jnp.take(index.corr, ids, axis=0) > b)
-  return index.update_masked(ids, rows - lr * grad, valid), loss, pairs
+  v = err / y.shape[0]
+
+  def update(c, carry):
+    # distinct neurons per chunk: a chunk's update never changes the rows
+    # a later chunk reads, and the union was fixed before any update
+    index, pairs = carry
+    ids, valid = _chunk(fires, rank, c, capacity, m)
+    grad = transpose_apply(index, ids, a, b, v, backend=backend)
+    rows = jnp.take(index.W, ids, axis=0, mode="fill", fill_value=0)
+    pairs = pairs + jnp.sum(jnp.take(index.corr, ids, axis=0) > b)
+    return index.update_masked(ids, rows - lr * grad, valid), pairs
+
+  index, pairs = jax.lax.fori_loop(0, chunks, update,
+                                   (index, jnp.zeros((), jnp.int32)))
+  return index, loss, StepInfo(count, pairs, count > capacity)
 
 
 def sparse_sgd_step(index: FiringIndex, a, y, b, lr, *, capacity: int,
                     backend: str = "auto"):
   """One gradient step through the index (donated); see the module doc.
 
-  The union is found first (a small jitted program, O(m)); its size is read
-  on the host to choose the sparse program or, when it exceeds ``capacity``,
-  the dense one (``lax.cond`` would make XLA copy the index every step).
+  One program, no host round trip: the union is found on the device from
+  the per-neuron maxima (O(m)) and gone through in runs of ``capacity``
+  neurons (one run unless it overflows; an overflowing union takes more
+  runs of the same program, so the result is exact and nothing
+  recompiles). ``capacity`` sizes the compiled buffers: read
+  ``info.overflow`` (asynchronously, as :class:`SparseSGD` does one step
+  behind) to grow it.
 
   Returns ``(index, loss, StepInfo)``; ``loss`` is the loss before the step.
   """
-  union = index.firing_union(b, capacity)
-  dense = bool(union.overflow)
-  if dense:
-    ids = jnp.arange(index.num_neurons, dtype=jnp.int32)
-    index, loss, pairs = _step_on(index, ids, jnp.ones(ids.shape, bool), a, y,
-                                  b, lr, "reference")
-  else:
-    index, loss, pairs = _step_on(index, union.ids, union.valid, a, y, b, lr,
-                                  backend)
-  return index, loss, StepInfo(union.count, pairs, dense)
+  if int(capacity) < 1:
+    raise ValueError(f"capacity (={capacity}) must be >= 1")
+  capacity = min(int(capacity), index.num_neurons)
+  return _device_step(index, a, y, b, lr, capacity, _resolve(backend))
 
 
 @dataclasses.dataclass
@@ -110,11 +149,13 @@ class SparseSGD:
   capacity: int | None = None
   backend: str = "auto"
   _warned: bool = dataclasses.field(default=False, repr=False)
+  _previous: Any = dataclasses.field(default=None, repr=False)
 
   def init(self, variables, X, *, block: int = 128) -> FiringIndex:
     """Builds the index of the training set ``X`` (O(nmd), once)."""
     check_threshold(self.model.threshold)
     W = variables["params"]["kernel"]
+    self._previous = None  # a new index: nothing pending
     if X.ndim != 2 or X.shape[1] != W.shape[1]:
       raise ValueError(f"X has shape {tuple(X.shape)}; expected (n, "
                        f"{W.shape[1]}) for a kernel of shape {tuple(W.shape)}")
@@ -126,7 +167,13 @@ class SparseSGD:
 
   def step(self, index, variables, y):
     """One step; returns ``(index, loss, StepInfo)`` (the old index is
-    donated: do not use it afterwards). Blocks on the result."""
+    donated: do not use it afterwards).
+
+    The step is one program with no host round trip; it is dispatched
+    before the previous step's ``info`` is read (one step behind, while
+    this one runs), and when that union overflowed the capacity, it grows
+    for the following steps (the overflowing steps themselves are exact).
+    """
     if self.capacity is None:
       raise ValueError("SparseSGD.step before init: call "
                        "index = opt.init(variables, X) first (it picks the "
@@ -139,17 +186,31 @@ class SparseSGD:
         index, a, y, jnp.float32(self.model.threshold),
         jnp.float32(self.learning_rate), capacity=self.capacity,
         backend=self.backend)
-    if bool(info.dense):
-      union = int(info.union)
-      if not self._warned:
-        self._warned = True
-        warnings.warn(
-            f"{union} neurons fired, more than the union capacity "
-            f"(={self.capacity}); the step ran densely (same result). "
-            "Capacity grows for the next steps; pass a larger `capacity` "
-            "or a larger threshold to stay sparse", stacklevel=2)
-      self.capacity = choose_capacity(union, index.num_neurons)
+    previous, self._previous = self._previous, info
+    if previous is not None:
+      self._grow(previous, index.num_neurons)
     return index, loss, info
+
+  def sync(self, num_neurons: int) -> None:
+    """Reads the last step's ``info`` now (blocking) instead of at the next
+    step, growing the capacity if that union overflowed."""
+    previous, self._previous = self._previous, None
+    if previous is not None:
+      self._grow(previous, num_neurons)
+
+  def _grow(self, info: StepInfo, num_neurons: int) -> None:
+    if not bool(info.overflow):
+      return
+    union = int(info.union)
+    if not self._warned:
+      self._warned = True
+      warnings.warn(
+          f"{union} neurons fired, more than the union capacity "
+          f"(={self.capacity}); the step went through them in "
+          f"{-(-union // self.capacity)} runs of the capacity (same result). "
+          "Capacity grows for the next steps; pass a larger `capacity` "
+          "or a larger threshold to stay in one run", stacklevel=3)
+    self.capacity = max(self.capacity, choose_capacity(union, num_neurons))
 
   @staticmethod
   def variables(variables, index):
