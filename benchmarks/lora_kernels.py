@@ -11,7 +11,7 @@ Times are device time by default (``device_time``: a jitted loop of many
 dependent calls); ``--per-call`` times one jitted call from Python instead
 (dispatch included, as the first H100 figures were). ``--record`` writes
 the fastest backend at each (rank, batch) to the records ``backend="auto"``
-reads (``alpa_py.kernels.lora_tuning``; the user's cache, or ``--record
+reads (``alpa_py.kernels.tuning``; the user's cache, or ``--record
 PATH``).
 
   python benchmarks/lora_kernels.py [--hidden 4096] [--quick] [--json out.json]
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alpa_py.kernels import lora
-from alpa_py.kernels import lora_tuning
+from alpa_py.kernels import tuning
 
 POPULARITY = ("distinct", "uniform", "zipf", "identical", "skewed")
 
@@ -164,7 +164,7 @@ def main():
                  "adapters": n, "backends": backends, "rows": rows}, f,
                 indent=1)
   if args.record is not None:
-    path = lora_tuning.write(lora_tuning.device_kind(),
+    path = tuning.write(tuning.device_kind(),
                              record_rows(rows, backends, dtype, hidden),
                              args.record or None)
     print(f"recorded the fastest backend per (rank, batch) in {path}")
@@ -178,8 +178,9 @@ def record_rows(rows, backends, dtype, hidden):
   for key in sorted({(r["rank"], r["batch"]) for r in rows}):
     group = [r for r in rows if (r["rank"], r["batch"]) == key]
     med = {b: statistics.median(r["us"][b] for r in group) for b in backends}
-    out.append(dict(layout="bgmv", dtype=jnp.dtype(dtype).name,
-                    tokens=key[1], rank=key[0], h_in=hidden, h_out=hidden,
+    out.append(dict(op="lora_bgmv", dtype=jnp.dtype(dtype).name,
+                    sizes=dict(tokens=key[1], rank=key[0], h_in=hidden,
+                               h_out=hidden),
                     best=min(backends, key=med.get), us=med))
   return out
 

@@ -20,6 +20,7 @@ then the crossover
 (the smallest width, and the largest firing fraction, where sparse wins).
 
   python benchmarks/sparse_neurons.py [--quick] [--json out.json]
+      [--backend auto|pallas|reference] [--record [PATH]]
 """
 
 import argparse
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alpa_py.kernels import sparse_neuron as sn
+from alpa_py.kernels import tuning
 from alpa_py.models.sparse_mlp import dense_sgd_step, sparse_sgd_step
 
 
@@ -63,7 +65,10 @@ def median_step(step, state, reps, warmup=2, rounds=5):
   return statistics.median(times)
 
 
-def measure(n, d, m, b, lr, reps, backend="auto"):
+def measure(n, d, m, b, lr, reps, backend="auto", candidates=()):
+  """One (width, threshold) point: dense vs the sparse step with
+  ``backend``, and each backend in ``candidates`` timed too (for
+  ``--record``)."""
   X, y, W, a = problem(n, d, m)
   index = sn.FiringIndex.build(W, X)
   fires = index.corr[:m] > b
@@ -73,23 +78,44 @@ def measure(n, d, m, b, lr, reps, backend="auto"):
   infos = []
   b_dev, lr_dev = jnp.float32(b), jnp.float32(lr)
 
-  def sparse(index):
-    index, loss, info = sparse_sgd_step(index, a, y, b_dev, lr_dev,
-                                        capacity=capacity, backend=backend)
-    infos.append(info)  # read after the timing: no host read per step
-    return index
+  def sparse_with(name):
+    def sparse(index):
+      index, loss, info = sparse_sgd_step(index, a, y, b_dev, lr_dev,
+                                          capacity=capacity, backend=name)
+      infos.append(info)  # read after the timing: no host read per step
+      return index
+    return sparse
 
   def dense(W):
     return dense_sgd_step(W, a, X, y, b_dev, lr_dev)[0]
 
-  t_sparse = median_step(sparse, index, reps)
+  t_sparse = median_step(sparse_with(backend), index, reps)
+  by_backend = {}
+  for name in candidates:
+    index = sn.FiringIndex.build(W, X)  # the last run donated its index
+    by_backend[name] = 1e3 * median_step(sparse_with(name), index, reps)
   overflowed = sum(bool(i.overflow) for i in infos)
   t_dense = median_step(dense, W, reps)
   return dict(n=n, d=d, m=m, b=b, per_point_fraction=per_point,
               union_fraction=union / m, union=union, capacity=capacity,
               overflowed_steps=overflowed,
               dense_ms=1e3 * t_dense, sparse_ms=1e3 * t_sparse,
+              sparse_ms_by_backend=by_backend,
               ratio=t_dense / t_sparse)
+
+
+def record_rows(rows):
+  """One record per measured size: the sparse backend timed fastest."""
+  out = []
+  for r in rows:
+    times = r["sparse_ms_by_backend"]
+    if times:
+      out.append(dict(op="sparse_step", dtype="float32",
+                      sizes=dict(neurons=r["m"], points=r["n"],
+                                 features=r["d"], capacity=r["capacity"]),
+                      best=min(times, key=times.get),
+                      us={k: 1e3 * v for k, v in times.items()}))
+  return out
 
 
 def table(rows, title):
@@ -114,6 +140,11 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=7)
   p.add_argument("--backend", default="auto",
                  help="sparse operators: auto, pallas or reference")
+  p.add_argument("--record", nargs="?", const="", default=None,
+                 help="also time every backend (off GPU: the reference only; "
+                      "interpreted Pallas is no candidate) and record the "
+                      "fastest per size for backend='auto' (default: the "
+                      "user's cache)")
   p.add_argument("--quick", action="store_true", help="small sizes (~20 s)")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
@@ -124,12 +155,15 @@ def main(argv=None):
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; n={args.n} "
         f"points, d={args.d}; lr 0.01; runs of {args.reps} steps, median of 5")
 
+  candidates = () if args.record is None else (
+      ("reference", "pallas") if jax.default_backend() == "gpu"
+      else ("reference",))
   by_width = [measure(args.n, args.d, m, args.b, 0.01, args.reps,
-                      args.backend)
+                      args.backend, candidates)
               for m in widths]
   table(by_width, f"width sweep at b={args.b}")
   by_b = [measure(args.n, args.d, args.width, b, 0.01, args.reps,
-                  args.backend)
+                  args.backend, candidates)
           for b in thresholds]
   table(by_b, f"threshold sweep at m={args.width}")
 
@@ -153,6 +187,10 @@ def main(argv=None):
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(by_width=by_width, by_threshold=by_b), f, indent=1)
+  if args.record is not None:
+    path = tuning.write(tuning.device_kind(), record_rows(by_width + by_b),
+                        args.record or None)
+    print(f"recorded the fastest sparse backend per size in {path}")
 
 
 if __name__ == "__main__":

@@ -145,10 +145,10 @@ def test_fused_bgmv_any_size_and_gpu_lowering(t, h_in, h_out, r):
 
 
 def test_auto_backend_follows_recorded_measurements(tmp_path, monkeypatch):
-  from alpa_py.kernels import lora_tuning
+  from alpa_py.kernels import tuning
   monkeypatch.setenv("ALPA_PY_CACHE_DIR", str(tmp_path))
-  monkeypatch.setattr(lora_tuning, "PACKAGED", tmp_path / "none.json")
-  lora_tuning.records.cache_clear()
+  monkeypatch.setattr(tuning, "PACKAGED", tmp_path / "none.json")
+  tuning.records.cache_clear()
   x, A, B, scale, key = make(16, 64, 64, 8, jnp.float32)
   ids = popularity("uniform", 16, N_ADAPTERS, key)
   prims = lambda: {e.primitive.name for e in jax.make_jaxpr(
@@ -157,17 +157,17 @@ def test_auto_backend_follows_recorded_measurements(tmp_path, monkeypatch):
     # no record for this device: gather + batched matmul off GPU
     if jax.default_backend() != "gpu":
       assert "ragged_dot_general" not in prims()
-    kind = lora_tuning.device_kind()
-    rec = lambda t, best: dict(layout="bgmv", dtype="float32", tokens=t,
-                               rank=8, h_in=64, h_out=64, best=best, us={})
-    lora_tuning.write(kind, [rec(1, "reference"), rec(32, "ragged_dot")])
+    kind = tuning.device_kind()
+    rec = lambda t, best: dict(op="lora_bgmv", dtype="float32", sizes=dict(
+        tokens=t, rank=8, h_in=64, h_out=64), best=best, us={})
+    tuning.write(kind, [rec(1, "reference"), rec(32, "ragged_dot")])
     # 16 tokens: nearer the 32-token record (log2 distance 1 vs 4)
     assert "ragged_dot_general" in prims()
     check(lora.bgmv(x, A, B, ids, scale),
           lora.bgmv(x, A, B, ids, scale, backend="reference"), jnp.float32)
-    (tmp_path / "lora_choices.json").write_text('{"schema": 0}')
-    lora_tuning.records.cache_clear()
+    (tmp_path / "kernel_choices.json").write_text('{"schema": 0}')
+    tuning.records.cache_clear()
     with pytest.raises(ValueError, match="schema 0, expected 1"):
       lora.bgmv(x, A, B, ids, scale)
   finally:
-    lora_tuning.records.cache_clear()
+    tuning.records.cache_clear()

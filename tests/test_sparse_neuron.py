@@ -283,3 +283,25 @@ def test_sparse_training_example_learns_and_matches_dense():
   assert 0 < max(unions) < 0.5
   assert diff < 1e-5
   assert trained["params"]["kernel"].shape == (4096, 32)
+
+
+def test_auto_backend_follows_recorded_measurements(tmp_path, monkeypatch):
+  from alpa_py.kernels import sparse_kernels, tuning
+  monkeypatch.setenv("ALPA_PY_CACHE_DIR", str(tmp_path))
+  monkeypatch.setattr(tuning, "PACKAGED", tmp_path / "none.json")
+  tuning.records.cache_clear()
+  try:
+    rng = np.random.default_rng(0)
+    index = FiringIndex.build(rng.normal(size=(300, 12)),
+                              rng.normal(size=(48, 12)))
+    sizes = sparse_kernels.step_sizes(index, 64)
+    assert sparse_kernels.resolve_backend("auto", sizes) == "reference"
+    rec = dict(op="sparse_step", dtype="float32", sizes=dict(sizes),
+               best="pallas", us={})
+    tuning.write(tuning.device_kind(), [rec])
+    assert sparse_kernels.resolve_backend("auto", sizes) == "pallas"
+    assert sparse_kernels.resolve_backend("reference", sizes) == "reference"
+    # a record of another op leaves the LoRA default alone
+    assert tuning.choose("lora_bgmv", jnp.float32, dict(tokens=1), "x") == "x"
+  finally:
+    tuning.records.cache_clear()

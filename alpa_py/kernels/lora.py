@@ -31,7 +31,7 @@ Backends (``backend=``):
 * ``ragged_dot``: tokens sorted by adapter, then two ``jax.lax.ragged_dot``.
 * ``reference``: per-token gather of the adapter weights, in plain jnp.
 * ``auto``: the backend measured fastest at the nearest recorded size on
-  this device kind (:mod:`alpa_py.kernels.lora_tuning`, written by
+  this device kind (:mod:`alpa_py.kernels.tuning`, written by
   ``benchmarks/lora_kernels.py --record``); with no records, ``pallas`` on
   GPU and elsewhere ``reference`` (gather + batched matmul), which on CPU
   runs 7-15x faster than XLA's ``ragged_dot`` there.
@@ -51,7 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from alpa_py.kernels import _backend
-from alpa_py.kernels import lora_tuning
+from alpa_py.kernels import tuning
 
 BACKENDS = ("auto", "pallas", "ragged_dot", "reference")
 
@@ -470,8 +470,10 @@ def _run(x, A, B, ids, scale, ranks, backend, seg_starts, seg_ids, layout,
   in the Pallas kernels)."""
   kind = _backend.resolve(backend, BACKENDS)
   if backend == "auto":
-    kind = lora_tuning.choose(layout, x.dtype, x.shape[0], A.shape[-1],
-                              A.shape[1], B.shape[-1], default=kind)
+    kind = tuning.choose(f"lora_{layout}", x.dtype,
+                         dict(tokens=x.shape[0], rank=A.shape[-1],
+                              h_in=A.shape[1], h_out=B.shape[-1]),
+                         default=kind)
   if kind == "reference":
     return bgmv_reference(x, A, B, ids, scale, ranks=ranks)
   if kind == "ragged_dot":

@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from alpa_py.kernels import _backend
+from alpa_py.kernels import tuning
 from alpa_py.kernels.firing_index import correlations
 from alpa_py.kernels.firing_index import FiringIndex
 
@@ -195,10 +196,21 @@ def transpose_apply_pallas(corr, X, ids, a, b, v, *, blocks=SparseBlockSizes(),
   return g[:k]
 
 
-def resolve_backend(backend: str) -> str:
-  # "auto" is the jnp reference on every platform: these kernels have only
-  # been run interpreted (no GPU lowering checked yet); ask for "pallas".
-  return _backend.resolve(backend, BACKENDS, auto_on_gpu="reference")
+def step_sizes(index: FiringIndex, capacity: int) -> dict:
+  """The sizes ``auto`` looks up in the kernel records (op ``sparse_step``)."""
+  return dict(neurons=index.num_neurons, points=index.num_points,
+              features=index.X.shape[1], capacity=int(capacity))
+
+
+def resolve_backend(backend: str, sizes: dict | None = None) -> str:
+  """``auto``: the backend recorded fastest for the sparse step at the
+  nearest size on this device kind (``alpa_py.kernels.tuning``, written by
+  ``benchmarks/sparse_neurons.py --record``), else the jnp reference on
+  every platform (the Pallas kernels win nowhere until measured so)."""
+  kind = _backend.resolve(backend, BACKENDS, auto_on_gpu="reference")
+  if backend == "auto" and sizes is not None:
+    kind = tuning.choose("sparse_step", jnp.float32, sizes, default=kind)
+  return kind
 
 
 def forward(index: FiringIndex, ids, a, b, *, backend: str = "auto"):

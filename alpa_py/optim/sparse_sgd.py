@@ -31,12 +31,12 @@ import jax.numpy as jnp
 
 from alpa_py.kernels.firing_index import check_threshold
 from alpa_py.kernels.firing_index import choose_capacity
-from alpa_py.kernels.firing_index import compact
 from alpa_py.kernels.firing_index import FiringIndex
 from alpa_py.kernels.sparse_kernels import dense_forward
 from alpa_py.kernels.sparse_kernels import forward
 from alpa_py.kernels.sparse_kernels import transpose_apply
 from alpa_py.kernels.sparse_kernels import resolve_backend as _resolve
+from alpa_py.kernels.sparse_kernels import step_sizes
 
 
 @jax.jit
@@ -69,9 +69,10 @@ class StepInfo(NamedTuple):
 def _chunk(fires, rank, c, capacity: int, num_neurons: int):
   """Ids (padded with the padding row ``num_neurons``) and validity of the
   ``c``-th run of ``capacity`` firing neurons, ascending: O(m)."""
-  lo = c * capacity
-  ids = compact(fires & (rank >= lo) & (rank < lo + capacity), capacity,
-                fill=num_neurons)
+  slot = rank - c * capacity
+  slot = jnp.where(fires & (slot >= 0) & (slot < capacity), slot, capacity)
+  ids = jnp.full((capacity,), num_neurons, jnp.int32).at[slot].set(
+      jnp.arange(fires.shape[0], dtype=jnp.int32), mode="drop")
   return ids, ids < num_neurons
 
 
@@ -84,28 +85,33 @@ def _device_step(index: FiringIndex, a, y, b, lr, capacity: int, backend: str):
   rank = jnp.cumsum(fires, dtype=jnp.int32) - 1
   chunks = (count + capacity - 1) // capacity  # 1 unless the union overflows
 
+  # the first run's ids serve both passes (one O(m) compaction); further
+  # runs, only on overflow, compact again
+  first = _chunk(fires, rank, 0, capacity, m)
+
   def add_outputs(c, f):
     ids, _ = _chunk(fires, rank, c, capacity, m)
     return f + forward(index, ids, a, b, backend=backend)
 
-  f = jax.lax.fori_loop(0, chunks, add_outputs,
-                        jnp.zeros(y.shape, jnp.float32))
+  f = jax.lax.fori_loop(1, chunks, add_outputs,
+                        forward(index, first[0], a, b, backend=backend))
   err = f - y
   loss = 0.5 * jnp.mean(jnp.square(err))
   v = err / y.shape[0]
 
-  def update(c, carry):
-    # distinct neurons per chunk: a chunk's update never changes the rows
-    # a later chunk reads, and the union was fixed before any update
-    index, pairs = carry
-    ids, valid = _chunk(fires, rank, c, capacity, m)
+  def update_run(index, pairs, ids, valid):
+    # distinct neurons per run: a run's update never changes the rows a
+    # later run reads, and the union was fixed before any update
     grad = transpose_apply(index, ids, a, b, v, backend=backend)
     rows = jnp.take(index.W, ids, axis=0, mode="fill", fill_value=0)
     pairs = pairs + jnp.sum(jnp.take(index.corr, ids, axis=0) > b)
     return index.update_masked(ids, rows - lr * grad, valid), pairs
 
-  index, pairs = jax.lax.fori_loop(0, chunks, update,
-                                   (index, jnp.zeros((), jnp.int32)))
+  def update(c, carry):
+    return update_run(*carry, *_chunk(fires, rank, c, capacity, m))
+
+  index, pairs = jax.lax.fori_loop(
+      1, chunks, update, update_run(index, jnp.zeros((), jnp.int32), *first))
   return index, loss, StepInfo(count, pairs, count > capacity)
 
 
@@ -126,7 +132,8 @@ def sparse_sgd_step(index: FiringIndex, a, y, b, lr, *, capacity: int,
   if int(capacity) < 1:
     raise ValueError(f"capacity (={capacity}) must be >= 1")
   capacity = min(int(capacity), index.num_neurons)
-  return _device_step(index, a, y, b, lr, capacity, _resolve(backend))
+  return _device_step(index, a, y, b, lr, capacity,
+                      _resolve(backend, step_sizes(index, capacity)))
 
 
 @dataclasses.dataclass
@@ -139,8 +146,9 @@ class SparseSGD:
     learning_rate: step size.
     capacity: union slots (default: :func:`choose_capacity` of the first
       union). Grown the same way after a step that overflowed.
-    backend: operator backend (``auto``: the jnp reference; ``pallas``: the
-      Pallas kernels, interpreted off GPU).
+    backend: operator backend (``auto``: the one recorded fastest on this
+      device kind, else the jnp reference; ``pallas``: the Pallas kernels,
+      interpreted off GPU; ``reference``).
   """
 
   # a SparseMLP, not imported: alpa_py.models imports this module
