@@ -53,9 +53,10 @@ def gpt_setup(layers=2, hidden=64, heads=4, seq=16, vocab=128, batch=8):
   return _state(GPT(cfg), tokens), b, _step(_lm)
 
 
-def moe_setup(batch=8, seq=8, hidden=32, experts=8, vocab=64):
+def moe_setup(batch=8, seq=8, hidden=32, experts=8, vocab=64,
+              router="gshard_top2"):
   model = MoEModel(vocab_size=vocab, hidden=hidden, num_experts=experts,
-                   num_layers=1)
+                   num_layers=1, router=router)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, seq), 0, vocab)
   return _state(model, tokens), {"tokens": tokens}, _step(_lm)
 

@@ -117,7 +117,8 @@ LAYERS = {  # a module may import its own layer and the layers listed
     "driver": {"kernels", "compiler", "runtime", "methods"},
     "methods": {"compiler"},
     "optim": {"kernels"},
-    "models": {"kernels", "optim", "compiler"},
+    "models": {"kernels", "optim", "compiler", "matching"},
+    "matching": set(),
 }
 
 

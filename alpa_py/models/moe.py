@@ -4,6 +4,19 @@ Experts are one batched weight ``[num_experts, ...]`` so that expert
 parallelism is a sharding of that leading dim, which the ILP can find.
 Dispatch follows GShard: each expert takes at most ``capacity`` tokens; tokens
 over capacity skip the expert (their residual path carries them).
+
+Routers (``MoELayer(router=...)``):
+
+* ``"gshard_top2"``: each token's two most probable experts, in token
+  order, dropped where the expert is full (a greedy online matching);
+* ``"online_matching"``: the primal-dual online b-matching of
+  :mod:`alpa_py.matching` over the same capacities, tokens arriving in
+  order: each expert keeps a price that rises as it fills, and a token
+  goes to the (up to two) experts of largest ``probability - price`` with
+  room, so early tokens leave room for later tokens that want the same
+  expert more. Gates are the chosen experts' probabilities normalised over
+  the two, as GShard's; gradients flow through them (the choice itself is
+  discrete, as in GShard).
 """
 
 import flax.linen as nn
@@ -11,7 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from alpa_py.compiler.markers import mark_pipeline_boundary
+from alpa_py.matching.router import online_matching_top2
 from alpa_py.models.gpt import causal_attention
+
+ROUTERS = ("gshard_top2", "online_matching")
 
 
 class MoELayer(nn.Module):
@@ -23,9 +39,12 @@ class MoELayer(nn.Module):
   capacity_factor: float = 2.0
   group_size: int | None = None  # tokens per dispatch group (GShard)
   dtype: jnp.dtype = jnp.float32  # compute dtype (weights stay float32)
+  router: str = "gshard_top2"  # or "online_matching" (see the module doc)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.router not in ROUTERS:
+      raise ValueError(f"router (={self.router!r}) must be one of {ROUTERS}")
     x = x.astype(self.dtype)
     shape = x.shape
     x = x.reshape(-1, shape[-1])  # [T, H]
@@ -52,18 +71,15 @@ class MoELayer(nn.Module):
     t, e = x.shape[0], self.num_experts
     cap = max(1, int(self.capacity_factor * 2 * t / e))
     probs = jax.nn.softmax(x @ gate_w, axis=-1)
-    top_p, top_i = jax.lax.top_k(probs, 2)
-    top_p = top_p / top_p.sum(-1, keepdims=True)
-    mask1 = jax.nn.one_hot(top_i[:, 0], e, dtype=x.dtype)
-    mask2 = jax.nn.one_hot(top_i[:, 1], e, dtype=x.dtype)
-    pos1 = jnp.cumsum(mask1, axis=0) - mask1
-    pos2 = jnp.cumsum(mask2, axis=0) - mask2 + mask1.sum(0, keepdims=True)
-    keep1 = mask1 * (pos1 < cap)
-    keep2 = mask2 * (pos2 < cap)
-    slot1 = jax.nn.one_hot((pos1 * keep1).sum(-1).astype(jnp.int32), cap,
-                           dtype=x.dtype)
-    slot2 = jax.nn.one_hot((pos2 * keep2).sum(-1).astype(jnp.int32), cap,
-                           dtype=x.dtype)
+    if self.router == "online_matching":
+      experts, slots, gates = online_matching_top2(probs, cap)
+      keep1 = jax.nn.one_hot(experts[:, 0], e, dtype=x.dtype)  # -1: zeros
+      keep2 = jax.nn.one_hot(experts[:, 1], e, dtype=x.dtype)
+      slot1 = jax.nn.one_hot(slots[:, 0], cap, dtype=x.dtype)
+      slot2 = jax.nn.one_hot(slots[:, 1], cap, dtype=x.dtype)
+      top_p = gates.astype(x.dtype)
+    else:
+      keep1, keep2, slot1, slot2, top_p = self._gshard(probs, cap, x.dtype)
     # combine[t, e, c]: weight of token t in slot c of expert e
     combine = (top_p[:, 0, None, None] * keep1[:, :, None] * slot1[:, None, :] +
                top_p[:, 1, None, None] * keep2[:, :, None] * slot2[:, None, :])
@@ -72,6 +88,24 @@ class MoELayer(nn.Module):
     he = jax.nn.relu(jnp.einsum("ech,ehf->ecf", xe, w1))
     ye = jnp.einsum("ecf,efh->ech", he, w2)
     return jnp.einsum("tec,ech->th", combine, ye)
+
+  def _gshard(self, probs, cap, dtype):
+    """GShard's top-2 in token order: keep masks [T, E], slots [T, cap]
+    and the two gates [T, 2]."""
+    e = self.num_experts
+    top_p, top_i = jax.lax.top_k(probs, 2)
+    top_p = top_p / top_p.sum(-1, keepdims=True)
+    mask1 = jax.nn.one_hot(top_i[:, 0], e, dtype=dtype)
+    mask2 = jax.nn.one_hot(top_i[:, 1], e, dtype=dtype)
+    pos1 = jnp.cumsum(mask1, axis=0) - mask1
+    pos2 = jnp.cumsum(mask2, axis=0) - mask2 + mask1.sum(0, keepdims=True)
+    keep1 = mask1 * (pos1 < cap)
+    keep2 = mask2 * (pos2 < cap)
+    slot1 = jax.nn.one_hot((pos1 * keep1).sum(-1).astype(jnp.int32), cap,
+                           dtype=dtype)
+    slot2 = jax.nn.one_hot((pos2 * keep2).sum(-1).astype(jnp.int32), cap,
+                           dtype=dtype)
+    return keep1, keep2, slot1, slot2, top_p
 
 
 class MoEModel(nn.Module):
@@ -92,6 +126,7 @@ class MoEModel(nn.Module):
   group_size: int | None = None
   # compute dtype; parameters stay float32 (master weights)
   dtype: jnp.dtype = jnp.float32
+  router: str = "gshard_top2"  # MoELayer's router
   # call ``alpa_py.mark_pipeline_boundary()`` before every ``moe_every``-th
   # block (for ``ManualLayerOption``; no effect on the math)
   pipeline_boundaries: bool = False
@@ -115,7 +150,7 @@ class MoEModel(nn.Module):
       if (i + 1) % self.moe_every == 0:
         x = x + MoELayer(self.num_experts, self.hidden, 4 * self.hidden,
                          group_size=self.group_size, dtype=dt,
-                         name=f"moe_{i}")(y)
+                         router=self.router, name=f"moe_{i}")(y)
       elif self.num_heads:
         y = nn.Dense(4 * h, dtype=dt, name=f"fc1_{i}")(y)
         x = x + nn.Dense(h, dtype=dt, name=f"fc2_{i}")(nn.gelu(y))
