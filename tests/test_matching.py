@@ -160,7 +160,6 @@ def _numpy_router(probs, cap, decline):
 
 def test_online_router_equals_its_rule_and_respects_capacity():
   import jax
-  import jax.numpy as jnp
   from alpa_py.matching.router import online_matching_top2
   probs = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (40, 6)) *
                          2, -1)

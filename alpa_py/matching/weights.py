@@ -37,12 +37,10 @@ def _check_items(embeddings) -> np.ndarray:
   return e
 
 
-class ExactWeights:
-  """Exact weights by one matrix-vector product per query: O(nd)."""
+class _Items:
+  """Shape of a weight structure over ``self.embeddings [n, d]``."""
 
-  def __init__(self, embeddings):
-    self.embeddings = _check_items(embeddings)
-    self.open = np.ones(self.embeddings.shape[0], bool)
+  embeddings: np.ndarray
 
   @property
   def dim(self) -> int:
@@ -51,6 +49,14 @@ class ExactWeights:
   @property
   def num_items(self) -> int:
     return self.embeddings.shape[0]
+
+
+class ExactWeights(_Items):
+  """Exact weights by one matrix-vector product per query: O(nd)."""
+
+  def __init__(self, embeddings):
+    self.embeddings = _check_items(embeddings)
+    self.open = np.ones(self.embeddings.shape[0], bool)
 
   def close(self, item: int) -> None:
     self.open[item] = False
@@ -97,7 +103,7 @@ def _kmeans(x, k, iters, rng):
   return centers, dist.argmin(1)
 
 
-class ClusteredMIPS:
+class ClusteredMIPS(_Items):
   """Inverted-file maximum inner product search (see the module doc).
 
   Args:
@@ -141,14 +147,6 @@ class ClusteredMIPS:
     self._item_penalty = np.zeros(n, np.float32)
     self._cluster_penalty = np.where(counts > 0, 0.0, -np.inf).astype(
         np.float32)
-
-  @property
-  def dim(self) -> int:
-    return self.sorted.shape[1]
-
-  @property
-  def num_items(self) -> int:
-    return self.sorted.shape[0]
 
   def close(self, item: int) -> None:
     p = self.position[item]
