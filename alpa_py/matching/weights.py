@@ -61,6 +61,10 @@ class ExactWeights(_Items):
   def close(self, item: int) -> None:
     self.open[item] = False
 
+  def reopen(self, item: int) -> None:
+    """An item that had filled gets room again (a slot was released)."""
+    self.open[item] = True
+
   def weights(self, x) -> np.ndarray:
     """All n weights (closed items included)."""
     return self.embeddings @ x
@@ -157,6 +161,16 @@ class ClusteredMIPS(_Items):
       self.open_count[c] -= 1
       if self.open_count[c] == 0:
         self._cluster_penalty[c] = -np.inf
+
+  def reopen(self, item: int) -> None:
+    """An item that had filled gets room again (a slot was released)."""
+    p = self.position[item]
+    if not self.open_pos[p]:
+      self.open_pos[p] = True
+      self._item_penalty[p] = 0.0
+      c = self.cluster_of_pos[p]
+      self.open_count[c] += 1
+      self._cluster_penalty[c] = 0.0
 
   def top(self, x, k: int):
     """``(ids, weights)`` of up to ``k`` open items of the largest weights

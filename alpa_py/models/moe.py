@@ -127,6 +127,7 @@ class MoEModel(nn.Module):
   # compute dtype; parameters stay float32 (master weights)
   dtype: jnp.dtype = jnp.float32
   router: str = "gshard_top2"  # MoELayer's router
+  capacity_factor: float = 2.0  # MoELayer's
   # call ``alpa_py.mark_pipeline_boundary()`` before every ``moe_every``-th
   # block (for ``ManualLayerOption``; no effect on the math)
   pipeline_boundaries: bool = False
@@ -149,6 +150,7 @@ class MoEModel(nn.Module):
       y = nn.LayerNorm(dtype=dt)(x)
       if (i + 1) % self.moe_every == 0:
         x = x + MoELayer(self.num_experts, self.hidden, 4 * self.hidden,
+                         capacity_factor=self.capacity_factor,
                          group_size=self.group_size, dtype=dt,
                          router=self.router, name=f"moe_{i}")(y)
       elif self.num_heads:

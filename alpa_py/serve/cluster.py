@@ -183,8 +183,12 @@ class Router:
   Request ids are the router's own; ``step`` returns events under them."""
 
   def __init__(self, engines, policy: str | Policy = "punica",
-               scan_limit: int = 256):
+               scan_limit: int = 256, adapter_routing=None):
     self.engines = engines
+    # serve.AdapterRouting: requests that name no adapter but carry an
+    # embedding go to the adapter of largest affinity with room
+    self.adapter_routing = adapter_routing
+    self._routed: dict[int, int] = {}  # router id -> adapter it was routed to
     self.cfg = engines.cfg
     self.policy = get_policy(policy) if isinstance(policy, str) else policy
     self.scan_limit = scan_limit
@@ -203,12 +207,28 @@ class Router:
                   seq_len=cfg.seq_len)
 
   def submit(self, request: Request) -> int:
-    """Queues ``request`` (checked now); returns its id."""
+    """Queues ``request`` (checked now, and routed to an adapter when it
+    names none and carries an embedding); returns its id."""
     self.check(request)
     rid = self._next
     self._next += 1
+    routing = self.adapter_routing
+    if routing is not None and request.adapter == -1 and \
+        request.embedding is not None:
+      if routing.num_adapters > self.cfg.lora_adapters:
+        raise ValueError(f"adapter_routing holds {routing.num_adapters} "
+                         f"adapters; the model has {self.cfg.lora_adapters}")
+      adapter = routing.route(request.embedding)
+      if adapter >= 0:
+        request = dataclasses.replace(request, adapter=adapter)
+        self._routed[rid] = adapter
     self._queue.append((rid, request, []))
     return rid
+
+  def routed_adapter(self, rid: int) -> int | None:
+    """The adapter a request was routed to while it runs (None: not
+    routed, or finished)."""
+    return self._routed.get(rid)
 
   @property
   def has_work(self) -> bool:
@@ -253,6 +273,8 @@ class Router:
         if ev.finished:
           del self._back[(gid, ev.rid)]
           del self._placed[rid]
+          if rid in self._routed:
+            self.adapter_routing.release(self._routed.pop(rid))
       for local, req, generated in preempted:
         rid = self._back.pop((gid, local))
         del self._placed[rid]
@@ -288,11 +310,14 @@ class Router:
 
 
 def make_router(cfg, params, num_engines: int = 1, cluster: str = "local",
-                policy: str = "punica", **options) -> Router:
+                policy: str = "punica", adapter_routing=None,
+                **options) -> Router:
   """A ``Router`` over ``num_engines`` engines in this process
   (``cluster="local"``) or as Ray actors (``cluster="ray"``)."""
   if cluster == "local":
-    return Router(LocalEngines(cfg, params, num_engines, **options), policy)
+    return Router(LocalEngines(cfg, params, num_engines, **options), policy,
+                  adapter_routing=adapter_routing)
   if cluster == "ray":
-    return Router(RayEngines(cfg, params, num_engines, **options), policy)
+    return Router(RayEngines(cfg, params, num_engines, **options), policy,
+                  adapter_routing=adapter_routing)
   raise ValueError(f"cluster (={cluster!r}) must be 'local' or 'ray'")

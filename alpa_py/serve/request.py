@@ -19,6 +19,10 @@ class Request:
     stop: token ids that end the request (the stop token is returned).
     seed: the sampling seed (a request's tokens depend on it alone, not on
       the batch it runs in).
+    embedding: for a request that names no adapter (``adapter=-1``), a
+      representation of what it asks; a ``Router`` with
+      ``adapter_routing`` sends it to the adapter of largest affinity
+      with room (``serve.AdapterRouting``). Ignored otherwise.
   """
 
   prompt: Sequence[int]
@@ -27,6 +31,7 @@ class Request:
   temperature: float = 0.0
   stop: Sequence[int] = ()
   seed: int = 0
+  embedding: Sequence[float] | None = None
 
   def check(self, *, vocab_size: int, num_adapters: int, seq_len: int) -> None:
     """Raises ValueError naming the bad field and what it may be."""
@@ -61,6 +66,14 @@ class Request:
     if bad:
       raise ValueError(f"Request.stop holds token id(s) {bad[:5]} outside "
                        f"[0, {vocab_size})")
+    if self.embedding is not None:
+      import numpy as np
+      e = np.asarray(self.embedding)
+      if e.ndim != 1 or e.size == 0 or not np.issubdtype(e.dtype, np.number) \
+          or not np.all(np.isfinite(e)):
+        raise ValueError("Request.embedding must be a non-empty 1-D sequence "
+                         f"of finite numbers; got shape {e.shape}, dtype "
+                         f"{e.dtype}")
     sd = self.seed
     if not isinstance(sd, int) or isinstance(sd, bool) or not 0 <= sd < 2**32:
       raise ValueError(f"Request.seed (={sd!r}) must be an int in [0, 2**32)")

@@ -89,6 +89,7 @@ class _Req:
   finish: float | None = None
   admitted: int = -1
   preemptions: int = 0
+  routed: bool = False  # its adapter came from adapter routing
 
   @property
   def context(self) -> int:
@@ -131,9 +132,14 @@ def _percentile(xs, q):
 def simulate(requests: Sequence[SimRequest], policy: Policy, *, gpus: int,
              model: StepTimeModel, max_batch: int = 32,
              num_pages: int = 4096, page_size: int = 16,
-             adapter_cache: int = 64, scan_limit: int = 256) -> dict:
+             adapter_cache: int = 64, scan_limit: int = 256,
+             adapter_routing=None) -> dict:
   """Serves ``requests`` on ``gpus`` simulated GPUs under ``policy``.
 
+  With ``adapter_routing`` (``serve.AdapterRouting``), a request that
+  names no adapter but carries an embedding is routed to an adapter when
+  it arrives, and releases its slot when it finishes, as the ``Router``
+  does.
   The oldest ``scan_limit`` queued requests are offered to the policy
   whenever a GPU may have gained room (a request arrived, finished or was
   preempted); a request the policy leaves queued keeps its place."""
@@ -151,6 +157,7 @@ def simulate(requests: Sequence[SimRequest], policy: Policy, *, gpus: int,
   steps = 0
   preemptions = 0
   now = 0.0
+  routed, routed_intended, peak = 0, 0, {}
 
   dirty = True  # whether a GPU may have gained room since the last dispatch
 
@@ -226,6 +233,16 @@ def simulate(requests: Sequence[SimRequest], policy: Policy, *, gpus: int,
   while events:
     now, kind, _, obj = heapq.heappop(events)
     if kind == 0:
+      spec = obj.spec
+      if adapter_routing is not None and spec.adapter < 0 and \
+          spec.embedding is not None:
+        a = adapter_routing.route(spec.embedding)
+        if a >= 0:
+          obj.spec = dataclasses.replace(spec, adapter=a)
+          obj.routed = True
+          routed += 1
+          routed_intended += int(a == spec.intended)
+          peak[a] = max(peak.get(a, 0), int(adapter_routing.load[a]))
       queue.append(obj)
       dirty = True
     else:
@@ -239,6 +256,8 @@ def simulate(requests: Sequence[SimRequest], policy: Policy, *, gpus: int,
           r.finish = now
           done += 1
           dirty = True
+          if r.routed:
+            adapter_routing.release(r.spec.adapter)
       g.running = [r for r in g.running if r.finish is None]
       if not g.running and not g.pending and g.held_since is not None:
         g.held_seconds += now - g.held_since
@@ -273,5 +292,9 @@ def simulate(requests: Sequence[SimRequest], policy: Policy, *, gpus: int,
                                 drained[1] else None),
       preemptions=preemptions,
       adapter_loads=sum(g.loads for g in cluster),
+      unnamed_requests=sum(1 for r in reqs if r.spec.embedding is not None),
+      routed_requests=routed,
+      routed_to_intended=routed_intended,
+      peak_routed_per_adapter=max(peak.values(), default=0),
       max_batch=max_batch, num_pages=num_pages, page_size=page_size,
       adapter_cache=adapter_cache, step_time_model=dataclasses.asdict(model))

@@ -27,9 +27,31 @@ SLORA_ADAPTERS = 2000
 class SimRequest:
   rid: int
   arrival: float  # seconds
-  adapter: int
+  adapter: int  # -1: names none (routed by its embedding, if any)
   prompt_len: int
   output_len: int
+  embedding: tuple | None = None  # of an unnamed request
+  intended: int = -1  # the adapter an unnamed request's embedding came from
+
+
+def adapter_embeddings(num_adapters: int, dim: int = 32,
+                       seed: int = 0) -> np.ndarray:
+  """Unit embeddings of ``num_adapters`` adapters (deterministic in
+  ``seed``), for routing unnamed requests."""
+  rng = np.random.default_rng(seed + 7777)
+  e = rng.normal(size=(num_adapters, dim)).astype(np.float32)
+  return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def num_adapters_of(name: str, n: int) -> int:
+  """How many adapters workload ``name`` of ``n`` requests draws from."""
+  if name == "slora":
+    return SLORA_ADAPTERS
+  if name == "uniform":
+    return max(int(round(math.sqrt(n))), 1)
+  if name == "identical":
+    return 1
+  return n
 
 
 def _zipf(rng, n_items: int, alpha: float, size: int) -> np.ndarray:
@@ -76,12 +98,28 @@ def arrivals(n: int, rate: float, rng, cv: float = 1.0) -> np.ndarray:
 
 
 def make_workload(name: str, n: int, rate: float | None, seed: int = 0,
-                  cv: float = 1.0) -> list[SimRequest]:
+                  cv: float = 1.0, unnamed: float = 0.0, embed_dim: int = 32,
+                  noise: float = 0.3) -> list[SimRequest]:
   """``n`` requests of workload ``name``; ``rate=None``: all at time 0
-  (the offline load that measures a cluster's capacity)."""
+  (the offline load that measures a cluster's capacity). A fraction
+  ``unnamed`` of them name no adapter: they carry the embedding of the
+  adapter they would have named (``adapter_embeddings``) plus Gaussian
+  noise of norm about ``noise``, and that adapter as ``intended``."""
+  if not 0.0 <= unnamed <= 1.0:
+    raise ValueError(f"unnamed (={unnamed}) must lie in [0, 1]")
   rng = np.random.default_rng(seed)
   adapters = adapters_for(name, n, rng)
   prompt, output = lengths_for(name, n, rng)
   times = np.zeros(n) if rate is None else arrivals(n, rate, rng, cv)
-  return [SimRequest(i, float(times[i]), int(adapters[i]), int(prompt[i]),
-                     int(output[i])) for i in range(n)]
+  out = [SimRequest(i, float(times[i]), int(adapters[i]), int(prompt[i]),
+                    int(output[i])) for i in range(n)]
+  if unnamed > 0:
+    emb = adapter_embeddings(num_adapters_of(name, n), embed_dim, seed)
+    pick = np.random.default_rng(seed + 1).uniform(size=n) < unnamed
+    shake = np.random.default_rng(seed + 2).normal(
+        size=(n, embed_dim)) * noise / math.sqrt(embed_dim)
+    out = [dataclasses.replace(
+        r, adapter=-1, intended=r.adapter,
+        embedding=tuple(float(v) for v in emb[r.adapter] + shake[i]))
+        if pick[i] else r for i, r in enumerate(out)]
+  return out
