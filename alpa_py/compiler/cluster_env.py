@@ -200,17 +200,25 @@ def measure_cpu_profile(devices=None) -> CostProfile:
                        intra_alpha=1e-5, intra_beta=1 / mem_bw,
                        inter_alpha=1e-5, inter_beta=1 / mem_bw,
                        devices_per_node=1 << 30)
-  # all-reduce of a [n, k] array sharded on dim 0, summed over dim 0.
+  # all-reduce and reduce-scatter of a [n, k] array sharded on dim 0,
+  # summed over dim 0, from 4 KB to 16 MB per device (a training step's
+  # gradients and activations): one alpha and beta fitted to both kinds
+  # through their ring byte counts, by least squares on relative error.
+  # Fitting small sizes alone under-prices large collectives (on a 2-core
+  # host a 16 MB reduce-scatter took 5x what a 4 KB-1 MB fit predicted,
+  # enough to make a tensor-parallel plan look cheaper than data parallel
+  # for a narrow MLP on a large batch, which measured 5x slower).
   ar = jax.jit(lambda v: v.sum(0), out_shardings=rep)
-  times = []
-  sizes = (1 << 10, 1 << 18)
-  for k in sizes:
+  rs = jax.jit(lambda v: v.sum(0), out_shardings=row)
+  rows, times = [], []
+  for k in (1 << 10, 1 << 16, 1 << 20, 1 << 22):
     v = jax.device_put(jnp.ones((n, k), jnp.float32), row)
-    times.append(_timeit(ar, v))
-  factor = 2.0 * (n - 1) / n
-  bytes_ = [4.0 * k * factor for k in sizes]
-  beta = max((times[1] - times[0]) / (bytes_[1] - bytes_[0]), 1e-13)
-  alpha = max(times[0] - beta * bytes_[0], 1e-7)
+    for fn, factor in ((ar, 2.0 * (n - 1) / n), (rs, (n - 1) / n)):
+      rows.append((1.0, 4.0 * k * factor))
+      times.append(_timeit(fn, v, reps=3))
+  a = np.array(rows) / np.array(times)[:, None]
+  (alpha, beta), *_ = np.linalg.lstsq(a, np.ones(len(times)), rcond=None)
+  alpha, beta = max(float(alpha), 1e-7), max(float(beta), 1e-13)
   return CostProfile("cpu", flops_per_s=flops, mem_bytes_per_s=mem_bw,
                      intra_alpha=alpha, intra_beta=beta, inter_alpha=alpha,
                      inter_beta=beta, devices_per_node=1 << 30)
@@ -294,7 +302,9 @@ def _named_profile(name: str) -> CostProfile:
     raise ValueError(f"unknown cost_profile {name!r}; choose one of "
                      f"{PROFILE_NAMES}")
   n = jax.device_count()
-  path = _cache_dir() / f"profile-cpu-{jax.__version__}-{n}dev.json"
+  # v2: collectives fitted up to 16 MB (profiles measured before are
+  # measured again)
+  path = _cache_dir() / f"profile-cpu-v2-{jax.__version__}-{n}dev.json"
   if path.exists():
     try:
       return CostProfile(**json.loads(path.read_text()))
