@@ -29,6 +29,11 @@ class InputLayout(enum.Enum):
   DATA_PARALLEL = "data_parallel"  # batch split, state replicated
   ZERO2 = "zero2"  # batch split, params replicated, optimizer state sharded
   ZERO3 = "zero3"  # batch split, params and optimizer state sharded
+  # batch split on mesh axis 0; every parameter and optimizer state array
+  # sharded on the last axis, the ILP choosing which dim (Megatron-style
+  # tensor parallelism where the model has that structure). A candidate of
+  # the compiled-cost selection, not a method of its own.
+  TENSOR_PARALLEL = "tensor_parallel"
 
 
 def _freeze_devices(devices):

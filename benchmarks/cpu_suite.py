@@ -3,11 +3,18 @@ wide-MLP and a deep narrow GPT, on 8 simulated devices, every plan side by
 side (timed in interleaved rounds), JSON + PNG per config, and a summary of
 the suite's self-checks on measured times.
 
+Each config runs in a process of its own (``--in-process`` runs them all in
+this one): a step's time on simulated devices depends on what the process
+ran before it (allocator and thread-pool state), and a config measured
+after six others is not measured like one measured first.
+
   python benchmarks/cpu_suite.py [--out benchmarks/results] [--steps 7]
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -29,17 +36,32 @@ def main():
   ap.add_argument("--configs", default=",".join(f"{s}:{n}" for s, n in CONFIGS))
   ap.add_argument("--auto-profile", default="cpu:calibrated",
                   help="the profile the auto plan is planned under")
+  ap.add_argument("--in-process", action="store_true",
+                  help="run every config in this process")
   args = ap.parse_args()
   t0 = time.perf_counter()
   profiles = tuple(args.profiles.split(","))
   results = []
-  for key in args.configs.split(","):
+  keys = args.configs.split(",")
+  for key in keys:
     s, name = key.split(":")
+    if len(keys) > 1 and not args.in_process:
+      cmd = [sys.executable, os.path.abspath(__file__), "--configs", key,
+             "--out", args.out, "--steps", str(args.steps), "--profiles",
+             args.profiles, "--auto-profile", args.auto_profile]
+      subprocess.run(cmd, check=True,
+                     env=dict(os.environ, _ALPA_PY_SUITE_CHILD="1"))
+      with open(os.path.join(args.out, f"{s}_{name}.json")) as f:
+        results.append(json.load(f))
+      continue
     result = suite.run_suite(s, name, steps=args.steps, profiles=profiles,
                              auto_profile=args.auto_profile)
     results.append(result)
     print(suite.table(result))
     print("wrote " + ", ".join(suite.save(result, args.out)) + "\n", flush=True)
+  if len(results) == 1 and len(keys) == 1 and not args.in_process and \
+      os.environ.get("_ALPA_PY_SUITE_CHILD"):
+    return 0
   print(summary(results, profiles))
   print(f"whole CPU suite: {time.perf_counter() - t0:.0f} s")
   return 0

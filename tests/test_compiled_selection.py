@@ -69,6 +69,9 @@ def test_the_cheapest_compiled_program_is_kept_and_equals_jit(collective_scale):
   assert sum(n.startswith("ilp (") for n in names) == 1
   assert any(n.startswith("ilp batch-split (") for n in names)
   assert any(n.startswith("ilp batch-split propagated (") for n in names)
+  # on each 2-D mesh ((2, 4) and (4, 2) for 8 devices)
+  assert sorted(n for n in names if n.startswith("tensor-parallel")) == [
+      "tensor-parallel (2, 4)", "tensor-parallel (4, 2)"]
   prices = [s for _, s in plan.alternatives]
   assert prices == sorted(prices) and plan.measured == ()
   assert plan.compiled_step_seconds == prices[0]
@@ -151,6 +154,43 @@ def test_every_candidate_computes_what_jit_computes(monkeypatch):
     out = step.task.compiled(*flat)
     for a, b in zip(jax.tree.leaves(out), ref):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_tensor_parallel_candidate_splits_every_weight_on_the_last_axis(
+    monkeypatch):
+  compiled = {}
+  real = compiled_selection._compile
+
+  def keep(compile_config, name, cfg, profile):
+    got = real(compile_config, name, cfg, profile)
+    if isinstance(got, tuple):
+      compiled[got[1]] = got[2]
+    return got
+
+  monkeypatch.setattr(compiled_selection, "_compile", keep)
+  _compile(cost_profile=_profile(), measure_candidates=0)
+  step = compiled["tensor-parallel (2, 4)"]
+  w1, w2, x, y = step.task.in_shardings
+  for w in (w1, w2):  # split 4 ways on axis "y", the dim the ILP chose
+    assert sorted(a for e in w.spec if e for a in
+                  (e if isinstance(e, tuple) else (e,))) == ["y"], w.spec
+  # the batch on axis 0 only
+  assert tuple(x.spec)[0] in ("x", ("x",)) and tuple(y.spec)[0] in (
+      "x", ("x",))
+  # Megatron's pairing for an MLP: w1 by columns, w2 by rows, so the
+  # hidden activation never moves
+  assert tuple(w1.spec)[-1] in ("y", ("y",)) and tuple(w2.spec)[0] in (
+      "y", ("y",))
+
+
+def test_tensor_parallel_layout_needs_a_2d_mesh():
+  from alpa_py.driver.layout import input_specs
+  from alpa_py.driver.signature import make_signature
+  from alpa_py.methods import InputLayout
+  sig, _ = make_signature(_args(), static=(), batch=(1, 2), donate=(),
+                          devices=tuple(jax.devices()))
+  with pytest.raises(ValueError, match="2-D mesh"):
+    input_specs(InputLayout.TENSOR_PARALLEL, sig, (8,))
 
 
 def test_the_cheapest_are_timed_on_copies_and_the_fastest_kept():

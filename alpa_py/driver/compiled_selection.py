@@ -13,7 +13,9 @@ ops that have no batch dim, such as experts), that batch-split ILP with
 only the step's inputs and outputs pinned to its layouts on each of the
 ILP's three cheapest meshes (XLA's sharding propagation lays out the rest:
 it may shard a dispatch or a gradient more cheaply than the plan's op-by-op
-layouts), and the same pass with fewer choices (the inputs in the
+layouts), the ILP with the batch on axis 0 and every parameter split on the
+other axis of its two cheapest 2-D meshes (tensor parallelism, the ILP
+choosing the split dims), and the same pass with fewer choices (the inputs in the
 data-parallel, ZeRO-2 and ZeRO-3 layouts); each is compiled as it would be
 on its own, and the fastest measured is kept (or, for abstract arguments
 or with ``measure_candidates=0``, the cheapest priced).
@@ -99,6 +101,37 @@ def ilp_variants(config: ShardConfig, meshes) -> list[tuple[str, ShardConfig]]:
   return out
 
 
+# 2-D meshes (cheapest ILP objective first) whose tensor-parallel candidate
+# is compiled
+TENSOR_PARALLEL_MESHES = 2
+
+
+def tensor_parallel_variants(config: ShardConfig,
+                             meshes) -> list[tuple[str, ShardConfig]]:
+  """(name, config) of the tensor-parallel candidates: on each of the
+  ``TENSOR_PARALLEL_MESHES`` cheapest 2-D meshes (both axes > 1), the
+  batch on axis 0 and every parameter and optimizer-state array split on
+  the last axis, the ILP choosing the dim (``InputLayout.TENSOR_PARALLEL``).
+  The unconstrained ILP reaches these layouts only where its per-op prices
+  favour them; on hosts where replicated work costs more than it prices
+  (the optimizer update of replicated weights on every device), the
+  measured choice needs them in the field."""
+  if config.option.force_batch_dim_to_mesh_dim is not None:
+    return []
+  out = []
+  for shape in meshes:
+    if len(out) == TENSOR_PARALLEL_MESHES:
+      break
+    if len(shape) != 2 or min(shape) < 2:
+      continue
+    option = dataclasses.replace(config.option, force_batch_dim_to_mesh_dim=0)
+    out.append(("tensor-parallel", dataclasses.replace(
+        config, method_name=f"{config.method_name}[tensor-parallel]",
+        layout=InputLayout.TENSOR_PARALLEL, mesh_shapes=(tuple(shape),),
+        option=option, mesh_fixed=True)))
+  return out
+
+
 def layout_variants(config: ShardConfig,
                     num_devices: int) -> list[tuple[str, ShardConfig]]:
   """(name, config) of the same pass with fewer choices: the inputs in the
@@ -128,7 +161,7 @@ def _compile(compile_config, name, cfg, profile):
     _progress.log(f"compiled-cost selection: {name} does not apply ({e})")
     return None
   seconds = price_program(step.task.hlo_text(), profile).seconds
-  if name.startswith("ilp"):
+  if name.startswith(("ilp", "tensor-parallel")):
     name = f"{name} {tuple(step.plan.mesh_shape)}"
   _progress.log(f"compiled-cost selection: {name} priced "
                 f"{seconds * 1e3:.3f} ms (ILP objective "
@@ -159,7 +192,8 @@ def select(compile_config: Callable, config: ShardConfig, num_devices: int,
   if isinstance(first, tuple):
     priced.append(first)
     meshes = _distinct_meshes(first[2].planned.candidates)
-    todo = ilp_variants(config, meshes) + todo
+    todo = (ilp_variants(config, meshes)
+            + tensor_parallel_variants(config, meshes) + todo)
   else:
     errors.append(first)
   for name, cfg in todo:

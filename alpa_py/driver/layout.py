@@ -55,6 +55,35 @@ def _zero3_spec(aval, shape, axes, mesh_shape, threshold):
   return _largest_dim_spec(shape, axes, mesh_shape)
 
 
+def _tensor_parallel_specs(sig: Signature, mesh_shape, shapes):
+  """Batch inputs split on axis 0; every other array of rank >= 1 split on
+  the last axis along any dim it divides (the ILP chooses which: Megatron's
+  column / row alternation is the cheapest choice for an MLP), or
+  replicated if it divides none; vectors may also stay replicated."""
+  if len(mesh_shape) < 2 or mesh_shape[0] < 2 or mesh_shape[-1] < 2:
+    raise ValueError(f"a tensor-parallel layout needs a 2-D mesh with both "
+                     f"axes > 1; got {tuple(mesh_shape)}")
+  last = len(mesh_shape) - 1
+  specs = {}
+  for i, (aval, owner) in enumerate(zip(sig.avals, sig.owners)):
+    shape = aval.shape if shapes is None else shapes[i]
+    r = len(shape)
+    if r == 0:
+      continue
+    if owner in sig.batch:
+      if shape[0] % mesh_shape[0]:
+        raise ValueError(f"{sig.paths[i]}: batch dim 0 (={shape[0]}) must be "
+                         f"divisible by mesh axis 0 (={mesh_shape[0]})")
+      specs[i] = [((0,),) + ((),) * (r - 1)]
+      continue
+    split = [tuple((last,) if k == d else () for k in range(r))
+             for d in range(r) if shape[d] % mesh_shape[last] == 0]
+    if r == 1 or not split:
+      split.append(replicated(r))
+    specs[i] = split
+  return specs
+
+
 def input_specs(layout: InputLayout, sig: Signature, mesh_shape,
                 shapes: Sequence[tuple[int, ...]] | None = None,
                 option: AutoShardingOption | None = None
@@ -73,6 +102,8 @@ def input_specs(layout: InputLayout, sig: Signature, mesh_shape,
   """
   if layout is InputLayout.AUTO:
     return {}
+  if layout is InputLayout.TENSOR_PARALLEL:
+    return _tensor_parallel_specs(sig, mesh_shape, shapes)
   axes = tuple(a for a, s in enumerate(mesh_shape) if s > 1)
   n = math.prod(mesh_shape)
   threshold = option.force_zero_stage_3_all_gather_threshold if option else 0
