@@ -138,23 +138,24 @@ def test_arrivals_beyond_capacity_stay_unmatched_and_bad_input():
     mt.ClusteredMIPS(E, probe=0)
 
 
-def _numpy_router(probs, cap, decline):
+def _numpy_router(probs, cap, decline, first_choices_first):
   """The router's rule written plainly with the module's primal-dual."""
   t, e = probs.shape
   fill, beta = np.zeros(e, int), np.zeros(e)
   growth = 1 + 1 / cap
   out = np.full((t, 2), -1)
-  for i in range(t):
-    banned = set()
-    for k in range(2):
-      gain = np.array([probs[i, j] - beta[j] if fill[j] < cap and
-                       j not in banned else -np.inf for j in range(e)])
-      j = int(np.argmax(gain))
-      banned.add(j)
-      if (gain[j] > 0) if decline else np.isfinite(gain[j]):
-        out[i, k] = j
-        fill[j] += 1
-        beta[j] = beta[j] * growth + probs[i, j] / ((growth ** cap - 1) * cap)
+  banned = [set() for _ in range(t)]
+  order = ([(i, k) for k in range(2) for i in range(t)] if first_choices_first
+           else [(i, k) for i in range(t) for k in range(2)])
+  for i, k in order:
+    gain = np.array([probs[i, j] - beta[j] if fill[j] < cap and
+                     j not in banned[i] else -np.inf for j in range(e)])
+    j = int(np.argmax(gain))
+    banned[i].add(j)
+    if (gain[j] > 0) if decline else np.isfinite(gain[j]):
+      out[i, k] = j
+      fill[j] += 1
+      beta[j] = beta[j] * growth + probs[i, j] / ((growth ** cap - 1) * cap)
   return out
 
 
@@ -163,11 +164,13 @@ def test_online_router_equals_its_rule_and_respects_capacity():
   from alpa_py.matching.router import online_matching_top2
   probs = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (40, 6)) *
                          2, -1)
-  for cap, decline in ((3, False), (8, False), (14, False), (3, True),
-                       (14, True)):
-    experts, slots, gates = online_matching_top2(probs, cap, decline)
+  for (cap, decline), ffirst in itertools.product(
+      ((3, False), (8, False), (14, False), (3, True), (14, True)),
+      (True, False)):
+    experts, slots, gates = online_matching_top2(probs, cap, decline, ffirst)
     np.testing.assert_array_equal(
-        np.asarray(experts), _numpy_router(np.asarray(probs), cap, decline))
+        np.asarray(experts),
+        _numpy_router(np.asarray(probs), cap, decline, ffirst))
     ex = np.asarray(experts)
     for j in range(6):  # never over capacity, slots 0..count-1 in order
       used = np.asarray(slots)[ex == j]

@@ -26,6 +26,8 @@ value against greedy with exact weights.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -135,56 +137,78 @@ class ClusteredMIPS(_Items):
     self.ids = order  # position -> item id
     self.position = np.empty(n, np.int64)
     self.position[order] = np.arange(n)
-    self.sorted = np.ascontiguousarray(e[order])
     counts = np.bincount(assign, minlength=k)
     self.starts = np.concatenate([[0], np.cumsum(counts)])
-    self.centers = centers
     cluster_of = assign[order]
-    self.radius = np.zeros(k, np.float32)
-    np.maximum.at(self.radius, cluster_of,
-                  np.linalg.norm(self.sorted - centers[cluster_of], axis=1))
+    d = e.shape[1]
+    # One product per level scores, bounds and masks at once: items are
+    # stored as [embedding | penalty] and centroids as [centroid | penalty |
+    # radius], against the query [x, 1, |x|]; a penalty is 0 while open and
+    # -inf once closed.
+    self._items = np.zeros((n, d + 1), np.float32)
+    self._items[:, :d] = e[order]
+    self._centers = np.zeros((k, d + 2), np.float32)
+    self._centers[:, :d] = centers
+    self._centers[:, d] = np.where(counts > 0, 0.0, -np.inf)
+    np.maximum.at(self._centers[:, d + 1], cluster_of,
+                  np.linalg.norm(e[order] - centers[cluster_of], axis=1))
+    self._query = np.empty(d + 2, np.float32)
+    self._query[d] = 1.0
+    self._qx = self._query[:d]  # x
+    self._qi = self._query[:d + 1]  # [x, 1]: the items' query
+    self._starts = self.starts.tolist()
     self.open_pos = np.ones(n, bool)  # by position
     self.open_count = counts.astype(np.int64)
     self.cluster_of_pos = cluster_of
     self.embeddings = e
-    # 0 while open, -inf once closed: added to scores instead of masking
-    self._item_penalty = np.zeros(n, np.float32)
-    self._cluster_penalty = np.where(counts > 0, 0.0, -np.inf).astype(
-        np.float32)
+
+  @property
+  def sorted(self) -> np.ndarray:
+    """Item embeddings in cluster order (position p is item ``ids[p]``)."""
+    return self._items[:, :-1]
+
+  @property
+  def centers(self) -> np.ndarray:
+    return self._centers[:, :-2]
+
+  @property
+  def radius(self) -> np.ndarray:
+    """Per cluster, the largest distance of a member from its centroid."""
+    return self._centers[:, -1]
 
   def close(self, item: int) -> None:
     p = self.position[item]
     if self.open_pos[p]:
       self.open_pos[p] = False
-      self._item_penalty[p] = -np.inf
+      self._items[p, -1] = -np.inf
       c = self.cluster_of_pos[p]
       self.open_count[c] -= 1
       if self.open_count[c] == 0:
-        self._cluster_penalty[c] = -np.inf
+        self._centers[c, -2] = -np.inf
 
   def reopen(self, item: int) -> None:
     """An item that had filled gets room again (a slot was released)."""
     p = self.position[item]
     if not self.open_pos[p]:
       self.open_pos[p] = True
-      self._item_penalty[p] = 0.0
+      self._items[p, -1] = 0.0
       c = self.cluster_of_pos[p]
       self.open_count[c] += 1
-      self._cluster_penalty[c] = 0.0
+      self._centers[c, -2] = 0.0
 
   def top(self, x, k: int):
     """``(ids, weights)`` of up to ``k`` open items of the largest weights
     among the ``probe`` clusters of the highest bound; weights exact."""
-    bound = self.centers @ x
-    bound += self.radius * float(np.sqrt(x @ x))
-    bound += self._cluster_penalty
+    q, qx = self._query, self._qx
+    qx[:] = x
+    q[-1] = math.sqrt(float(qx @ qx))
+    bound = self._centers @ q
     if self.probe == 1:  # the common case, with the fewest calls
       c = int(bound.argmax())
       if bound[c] == -np.inf:
         return self.ids[:0], np.zeros(0, np.float32)
-      a, b = self.starts[c], self.starts[c + 1]
-      w = self.sorted[a:b] @ x
-      w += self._item_penalty[a:b]
+      a, b = self._starts[c], self._starts[c + 1]
+      w = self._items[a:b] @ self._qi
       if k == 1:
         i = int(w.argmax())
         return self.ids[a + i:a + i + 1], w[i:i + 1]
@@ -195,9 +219,9 @@ class ClusteredMIPS(_Items):
       return self.ids[:0], np.zeros(0, np.float32)
     best = np.argpartition(-bound, p - 1)[:p]
     # the chosen clusters are contiguous runs: one small product each
-    runs = [(self.starts[c], self.starts[c + 1]) for c in best]
+    starts, qi = self._starts, self._qi
+    runs = [(starts[c], starts[c + 1]) for c in best.tolist()]
     pos = np.concatenate([np.arange(a, b) for a, b in runs])
-    w = np.concatenate([self.sorted[a:b] @ x for a, b in runs])
-    w += self._item_penalty[pos]
+    w = np.concatenate([self._items[a:b] @ qi for a, b in runs])
     got, wt = _top(pos, w, k)
     return self.ids[got], wt

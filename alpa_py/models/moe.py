@@ -10,13 +10,15 @@ Routers (``MoELayer(router=...)``):
 * ``"gshard_top2"``: each token's two most probable experts, in token
   order, dropped where the expert is full (a greedy online matching);
 * ``"online_matching"``: the primal-dual online b-matching of
-  :mod:`alpa_py.matching` over the same capacities, tokens arriving in
-  order: each expert keeps a price that rises as it fills, and a token
-  goes to the (up to two) experts of largest ``probability - price`` with
-  room, so early tokens leave room for later tokens that want the same
-  expert more. Gates are the chosen experts' probabilities normalised over
-  the two, as GShard's; gradients flow through them (the choice itself is
-  discrete, as in GShard).
+  :mod:`alpa_py.matching` over the same capacities: each expert keeps a
+  price that rises as it fills, and a token goes to the expert of largest
+  ``probability - price`` with room, so early tokens leave room for later
+  tokens that want the expert more. Arrivals come in GShard's priority:
+  every token's first expert in token order, then every token's second
+  with what is left; a choice whose expert is full moves to the next best
+  expert with room instead of being dropped. Gates are the chosen experts'
+  probabilities normalised over the two, as GShard's; gradients flow
+  through them (the choice itself is discrete, as in GShard).
 """
 
 import flax.linen as nn
