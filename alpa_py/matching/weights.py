@@ -157,6 +157,7 @@ class ClusteredMIPS(_Items):
     self._qx = self._query[:d]  # x
     self._qi = self._query[:d + 1]  # [x, 1]: the items' query
     self._starts = self.starts.tolist()
+    self._bound = np.empty(k, np.float32)  # the centroid product's output
     self.open_pos = np.ones(n, bool)  # by position
     self.open_count = counts.astype(np.int64)
     self.cluster_of_pos = cluster_of
@@ -201,8 +202,8 @@ class ClusteredMIPS(_Items):
     among the ``probe`` clusters of the highest bound; weights exact."""
     q, qx = self._query, self._qx
     qx[:] = x
-    q[-1] = math.sqrt(float(qx @ qx))
-    bound = self._centers @ q
+    q[-1] = math.sqrt(qx.dot(qx))
+    bound = np.dot(self._centers, q, out=self._bound)
     if self.probe == 1:  # the common case, with the fewest calls
       c = int(bound.argmax())
       if bound[c] == -np.inf:
