@@ -1,0 +1,10 @@
+"""Sketching primitives with a job inside the product.
+
+* :mod:`alpa_py.sketch.kmeans`: k-means++ seeding (FastKmeans++'s
+  projected proposal with rejection to exact D^2 sampling, and the plain
+  algorithm), Lloyd's refinement, the k-means cost.
+"""
+
+from alpa_py.sketch.kmeans import kmeans_cost, kmeans_plusplus, lloyd
+
+__all__ = ["kmeans_cost", "kmeans_plusplus", "lloyd"]
