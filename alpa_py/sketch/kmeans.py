@@ -133,13 +133,14 @@ class _Seeder:
       self.Y = np.ascontiguousarray(X @ g)
       self.beta = _beta(n, k, m, beta_delta)
     self.sq = (self.Y * self.Y).sum(1)
+    self.centers = np.empty((k, d), np.float32)  # chosen rows, in order
     self.d2 = None  # D~^2 (the exact D^2 for the exact method)
     self.chosen: list[int] = []
     self.proposed = 0  # candidates drawn (fast: before rejection)
 
   def exact_d2(self, i: int) -> float:
     """D^2 of point i in the original space against the chosen centers."""
-    diff = self.X[self.chosen] - self.X[i]
+    diff = self.centers[:len(self.chosen)] - self.X[i]
     return float((diff * diff).sum(1).min())
 
   def proposal(self) -> np.ndarray:
@@ -183,6 +184,7 @@ class _Seeder:
         dist = dist.copy()
         dist[same] = 0.0
     self.d2 = dist if self.d2 is None else np.minimum(self.d2, dist)
+    self.centers[len(self.chosen)] = self.X[i]
     self.chosen.append(i)
 
 
@@ -230,5 +232,4 @@ def kmeans_plusplus(key, X, k: int, *, trials: int | None = None,
     pots = np.minimum(s.d2[:, None], dist).sum(0)
     j = int(pots.argmin())
     s.add(int(cands[j]), np.ascontiguousarray(dist[:, j]))
-  idx = np.asarray(s.chosen, np.int64)
-  return X[idx].copy(), idx
+  return s.centers, np.asarray(s.chosen, np.int64)
