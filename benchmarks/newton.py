@@ -11,7 +11,8 @@ Problems (full-batch):
 * ``digits-ce``: the same MLP with softmax cross-entropy (the generalized
   Gauss-Newton step).
 
-Methods: GGN with each solver (cholesky, cg, sketched_cg), Adam and SGD with
+Methods: GGN with each solver (cholesky, cg, sketched_cg at its default
+2N sketch; sketched_cg and nystrom_cg at one sketch size, ``--sketch``), Adam and SGD with
 momentum 0.9 (each with the best of a grid of learning rates: the one that
 reaches the target first, else the lowest final loss), and
 ``jaxopt.GaussNewton`` (regressions only) when jaxopt is installed. Every
@@ -31,6 +32,7 @@ import numpy as np
 import optax
 
 from alpa_py.optim import gram_gauss_newton
+from alpa_py.optim import SingularGramError
 
 
 def mlp_apply(p, x):
@@ -84,7 +86,10 @@ def run_curve(step, state, loss, max_iters, max_seconds, target):
   losses, times, elapsed = [float(loss(state[0]))], [0.0], 0.0
   for _ in range(max_iters):
     t0 = time.perf_counter()
-    state = step(state)
+    try:
+      state = step(state)
+    except SingularGramError:  # the solve broke down: the run stops here
+      break
     jax.block_until_ready(state)
     elapsed += time.perf_counter() - t0
     losses.append(float(loss(state[0])))
@@ -102,9 +107,10 @@ def reached(curve, target):
   return None, None
 
 
-def ggn_curve(prob, solver, args):
+def ggn_curve(prob, solver, args, sketch_size=None):
   opt = gram_gauss_newton(prob["apply"], solver=solver, loss=prob["loss"],
-                          damping=prob["damping"], cg_max_iters=200)
+                          damping=prob["damping"], cg_max_iters=200,
+                          sketch_size=sketch_size)
   info_log = []
 
   def step(s):
@@ -115,8 +121,11 @@ def ggn_curve(prob, solver, args):
     return p, st
 
   # compile outside the timed loop
-  jax.block_until_ready(opt.step(prob["params"], opt.init(None), prob["X"],
-                                 prob["y"]))
+  try:
+    jax.block_until_ready(opt.step(prob["params"], opt.init(None), prob["X"],
+                                   prob["y"]))
+  except SingularGramError:
+    pass  # compiled; the timed run below stops at the same step
   info_log.clear()
   curve = run_curve(step, (prob["params"], opt.init(None)), loss_fn(prob),
                     args.ggn_iters, args.max_seconds, prob["target"])
@@ -176,6 +185,8 @@ def main(argv=None):
   p.add_argument("--first-order-iters", type=int, default=2000)
   p.add_argument("--max-seconds", type=float, default=30.0,
                  help="per run")
+  p.add_argument("--sketch", type=int, default=128,
+                 help="sketch size of the equal-size preconditioner rows")
   p.add_argument("--json", default=None)
   p.add_argument("--png", default=None)
   args = p.parse_args(argv)
@@ -200,6 +211,10 @@ def main(argv=None):
     curves = {}
     for solver in ("cholesky", "cg", "sketched_cg"):
       curves[f"ggn-{solver}"] = ggn_curve(prob, solver, args)
+    # the two preconditioners at one sketch size: Gaussian vs Nystrom
+    for solver in ("sketched_cg", "nystrom_cg"):
+      curves[f"ggn-{solver}(s={args.sketch})"] = ggn_curve(
+          prob, solver, args, sketch_size=args.sketch)
     curves["adam"] = first_order_curve(
         prob, optax.adam, [1e-3, 3e-3, 1e-2, 3e-2], args)
     curves["sgd-momentum"] = first_order_curve(
@@ -222,8 +237,12 @@ def main(argv=None):
       note = ""
       if "lr" in extra:
         note = f"lr={extra['lr']}"
+      if it is None and "cg_iters" in extra and \
+          len(extra["cg_iters"]) < args.ggn_iters and curve[0][-1] > prob["target"]:
+        note = "the solve broke down (SingularGramError) after " \
+               f"{len(extra['cg_iters'])} steps; "
       if "cg_iters" in extra and any(extra["cg_iters"]):
-        note = (f"CG iters/step {int(np.mean(extra['cg_iters']))}, solve "
+        note += (f"CG iters/step {int(np.mean(extra['cg_iters']))}, solve "
                 f"{1e3 * np.mean(extra['solve_s']):.1f} ms/step")
       elif "solve_s" in extra:
         note = f"solve {1e3 * np.mean(extra['solve_s']):.1f} ms/step"

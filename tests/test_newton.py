@@ -61,14 +61,14 @@ def test_converges_where_adam_does_not():
 def test_solvers_agree_on_the_step():
   params, X, y = regression(seed=3)
   deltas = {}
-  for solver in ("cholesky", "cg", "sketched_cg"):
+  for solver in ("cholesky", "cg", "sketched_cg", "nystrom_cg"):
     opt = gram_gauss_newton(two_layer, solver=solver, cg_tol=1e-7,
-                            cg_max_iters=200)
+                            cg_max_iters=200, sketch_size=32)
     p, _, info = opt.step(params, opt.init(params), X, y)
     deltas[solver] = jax.tree_util.tree_map(lambda a, b: a - b, p, params)
     if solver != "cholesky":
       assert 0 < int(info["cg_iters"]) <= 200
-  for solver in ("cg", "sketched_cg"):
+  for solver in ("cg", "sketched_cg", "nystrom_cg"):
     for a, b in zip(jax.tree_util.tree_leaves(deltas["cholesky"]),
                     jax.tree_util.tree_leaves(deltas[solver])):
       scale = float(jnp.max(jnp.abs(a)))
@@ -86,7 +86,44 @@ def test_blockwise_gram_equals_materialised():
   np.testing.assert_allclose(full, J @ J.T, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("solver", ["cholesky", "cg", "sketched_cg"])
+def test_nystrom_factor_and_preconditioned_iterations():
+  """Randomly pivoted Cholesky: K - F F^T stays PSD and its trace falls
+  with the rank; the diagonal and columns are J's; at rank N the factor is
+  exact; the preconditioner cuts CG's iterations to the same tolerance."""
+  from alpa_py.optim import ggn_solvers
+  from alpa_py.optim.ggn_operator import dense_operator
+  params, X, y = regression(n=48, m=512, seed=5)
+  for per_example in (True, False):
+    op = dense_operator(two_layer, params, X, 1 << 30, per_example)
+    K = np.asarray(op.gram(), np.float64)
+    np.testing.assert_allclose(op.diag(), np.diag(K), rtol=1e-4)
+    np.testing.assert_allclose(op.columns(jnp.array([3, 0, 47])),
+                               K[:, [3, 0, 47]], rtol=1e-4,
+                               atol=1e-4 * np.abs(K).max())
+  key = jax.random.PRNGKey(0)
+  traces = []
+  for s in (4, 16, 48):
+    F = np.asarray(ggn_solvers.nystrom_factor(op, key, s, block=8), np.float64)
+    R = K - F @ F.T
+    assert np.linalg.eigvalsh(R).min() > -1e-3 * np.trace(K)
+    traces.append(np.trace(R))
+  assert traces[0] > traces[1] > traces[2]
+  assert traces[2] < 1e-3 * np.trace(K)  # rank N: exact
+  # decaying input scales: a Gram spectrum that decays, as real data's does
+  params, X, y = regression(n=96, m=512, seed=5)
+  X = X * (1.0 / np.arange(1, D + 1) ** 1.5)[None, :].astype(np.float32)
+  iters = {}
+  for solver in ("cg", "nystrom_cg"):
+    opt = gram_gauss_newton(two_layer, solver=solver, damping=1e-4,
+                            cg_tol=1e-5, cg_max_iters=500, sketch_size=16)
+    _, _, info = opt.step(params, opt.init(params), X, y)
+    assert float(info["solve_residual"]) < 1e-3
+    iters[solver] = int(info["cg_iters"])
+  assert iters["nystrom_cg"] < iters["cg"] / 2, iters
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "cg", "sketched_cg",
+                                    "nystrom_cg"])
 def test_data_parallel_step_equals_single_device(solver):
   params, X, y = regression(m=512)
   opt = gram_gauss_newton(two_layer, solver=solver)
@@ -146,7 +183,8 @@ def test_cross_entropy_ggn():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_sparse_path_equals_dense_ggn():
+@pytest.mark.parametrize("solver", ["cholesky", "nystrom_cg"])
+def test_sparse_path_equals_dense_ggn(solver):
   rng = np.random.default_rng(1)
   n, d, m, b = 32, 8, 2000, 2.5
   X = rng.normal(size=(n, d)).astype(np.float32)
@@ -156,7 +194,8 @@ def test_sparse_path_equals_dense_ggn():
   a = jax.random.rademacher(jax.random.PRNGKey(1), (m,), jnp.float32)
   shifted = lambda p, x: jnp.dot(jax.nn.relu(x @ p["W"].T - b), a)
   dense = gram_gauss_newton(shifted, damping=1e-4)
-  sparse = gram_gauss_newton(None, damping=1e-4)
+  sparse = gram_gauss_newton(None, damping=1e-4, solver=solver,
+                             sketch_size=8, cg_tol=1e-7, cg_max_iters=300)
   index = FiringIndex.build(W, X)
   p, st_d, st_s = {"W": W}, dense.init(None), sparse.init(None)
   losses = []

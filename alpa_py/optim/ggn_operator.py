@@ -2,7 +2,8 @@
 
 For outputs ``f(X)`` (``N = n * k`` values) with Jacobian ``J`` (N x p), an
 :class:`Operator` gives ``J^T alpha``, ``K v = J (J^T v)``, the Gram matrix
-``K = J J^T`` and a Gaussian sketch ``J S^T``:
+``K = J J^T``, its diagonal and chosen columns (for a Nystrom
+approximation) and a Gaussian sketch ``J S^T``:
 
 * :func:`dense_operator`, for any ``apply_fn(params, inputs)``: K is formed
   from a materialised Jacobian when ``N * p`` floats fit ``jacobian_bytes``
@@ -37,6 +38,8 @@ from alpa_py.kernels.sparse_kernels import forward
 from alpa_py.kernels.sparse_kernels import transpose_apply
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# examples per block when the diagonal of K is taken one example at a time
+_DIAG_EXAMPLES = 16
 
 
 class Loss(enum.Enum):
@@ -56,6 +59,8 @@ class Operator(NamedTuple):
   gram: Callable  # () -> K [N, N]
   sketch: Callable  # (key, s) -> J S^T [N, s], S Gaussian / sqrt(s)
   num_params: int
+  diag: Callable  # () -> diag(K) [N]
+  columns: Callable  # idx [b] (int) -> K[:, idx] [N, b]
 
 
 def dense_operator(apply_fn, params, inputs, jacobian_bytes,
@@ -125,8 +130,43 @@ def dense_operator(apply_fn, params, inputs, jacobian_bytes,
         for k, x in zip(keys, leaves)])
     return jax.vmap(jvp)(tangents).T
 
+  def sq_norms(tree, lead):  # squared norm of each of the leading rows
+    return sum(jnp.sum(jnp.square(x.reshape(lead + (-1,))), axis=-1)
+               for x in jax.tree_util.tree_leaves(tree))
+
+  def diag():
+    # K_ii = |J^T e_i|^2: the squared norms of J's rows, J never stored
+    if per_example:  # one example's rows at a time, in blocks of examples
+      n = shape[0]
+      block = max(1, min(_DIAG_EXAMPLES, n))
+      n_blocks = -(-n // block)
+      padded = jax.tree_util.tree_map(
+          lambda a: jnp.pad(a, [(0, n_blocks * block - n)]
+                            + [(0, 0)] * (a.ndim - 1)), inputs)
+
+      def one(x):
+        x1 = jax.tree_util.tree_map(lambda a: a[None], x)
+        j = jax.jacrev(lambda p: apply_fn(p, x1))(params)
+        return sq_norms(j, (n_out // n,))
+
+      blocks = jax.tree_util.tree_map(
+          lambda a: a.reshape((n_blocks, block) + a.shape[1:]), padded)
+      d = jax.lax.map(jax.vmap(one), blocks)
+      return d.reshape(-1)[:n_out]
+    # one VJP of the batch per output, in blocks sized to jacobian_bytes
+    block = max(1, min(n_out, jacobian_bytes // (4 * num_params)))
+    n_blocks = -(-n_out // block)
+    eye = jnp.pad(jnp.eye(n_out, dtype=out.dtype),
+                  ((0, n_blocks * block - n_out), (0, 0)))
+    d = jax.lax.map(lambda e: sq_norms(jax.vmap(jt)(e), (block,)),
+                    eye.reshape(n_blocks, block, n_out))
+    return d.reshape(-1)[:n_out]
+
+  def columns(idx):  # K[:, idx] = J (J^T e_idx): a VJP and a JVP each
+    return jax.vmap(matvec)(jax.nn.one_hot(idx, n_out, dtype=out.dtype)).T
+
   return Operator(out.reshape(-1), shape, jt, matvec, gram, sketch,
-                  num_params)
+                  num_params, diag, columns)
 
 
 def sparse_operator(index: FiringIndex, union: Union, a, b) -> Operator:
@@ -154,8 +194,18 @@ def sparse_operator(index: FiringIndex, union: Union, a, b) -> Operator:
     t = jax.random.normal(key, (s,) + (ids.shape[0], X.shape[1])) / math.sqrt(s)
     return jax.vmap(jvp)(t).T
 
+  weight = fire * a_u[:, None] ** 2  # [K, n]
+
+  def diag():
+    return jnp.sum(X * X, axis=1) * jnp.sum(weight, axis=0)
+
+  def columns(idx):
+    Xs = jnp.take(X, idx, axis=0)
+    shared = jnp.dot(weight.T, jnp.take(fire, idx, axis=1), precision=_HIGHEST)
+    return jnp.dot(X, Xs.T, precision=_HIGHEST) * shared
+
   return Operator(outputs, outputs.shape, jt, lambda v: jvp(jt(v)), gram,
-                  sketch, ids.shape[0] * X.shape[1])
+                  sketch, ids.shape[0] * X.shape[1], diag, columns)
 
 
 class Whitening(NamedTuple):

@@ -13,6 +13,18 @@ The system is ``(K + damping I) z = rhs`` (whitened for cross entropy, see
   dense Gaussian sketch costs N p s flops (more than forming K when
   s >= N); it pays where CG iterations are expensive, not in general (a
   fast Hadamard sketch, N p log p, is not implemented).
+* ``nystrom_cg``: a Nystrom approximation ``K ~ F F^T`` of rank
+  ``sketch_size`` preconditions CG (Frangella, Tropp, Udell, "Randomized
+  Nystrom preconditioning", 2023). Its landmarks (the columns of K it is
+  built from) are chosen by block randomly pivoted Cholesky (Chen, Epperly,
+  Tropp, Webber, 2022): pivots drawn in proportion to the diagonal of the
+  residual ``K - F F^T``, which is D^2 sampling, the k-means++ rule, in the
+  feature space of the Gram kernel (the rows of J); each block of pivots
+  is drawn without replacement (Gumbel top-k) and its columns come in one
+  batch (``Operator.columns``: ``J J_S^T`` from the materialised Jacobian,
+  else one J J^T product per pivot). It costs about ``sketch_size``
+  Jacobian row products plus O(N s^2), against N p s for the Gaussian
+  sketch.
 
 A solve runs through :func:`untimed` or :func:`timed`; the latter brackets
 it with ordered host callbacks to measure its wall time, which only a step
@@ -38,6 +50,11 @@ class Solver(enum.Enum):
   CHOLESKY = "cholesky"
   CG = "cg"
   SKETCHED_CG = "sketched_cg"
+  NYSTROM_CG = "nystrom_cg"
+
+
+# pivots per block of randomly pivoted Cholesky
+NYSTROM_BLOCK = 32
 
 
 class SingularGramError(ValueError):
@@ -82,6 +99,13 @@ def solve(solver: Solver, op: Operator, K, matvec, rhs, damping, white, key, *,
   if solver is Solver.CG:
     z, iters, broke = _cg(matvec, rhs, lambda r: r, cg_tol, cg_max_iters)
     return z, iters, broke
+  if solver is Solver.NYSTROM_CG:
+    F = nystrom_factor(op, key, min(sketch_size or 256, n))
+    if white is not None:
+      F = white.apply(F)  # A K A^T ~ (A F) (A F)^T
+    precond, ok = nystrom_preconditioner(F, damping)
+    z, iters, broke = _cg(matvec, rhs, precond, cg_tol, cg_max_iters)
+    return z, iters, broke | ~ok
   s = sketch_size or 2 * n
   Y = op.sketch(key, s)  # [N, s]
   if white is not None:
@@ -91,6 +115,54 @@ def solve(solver: Solver, op: Operator, K, matvec, rhs, damping, white, key, *,
   precond = lambda r: jax.scipy.linalg.cho_solve((L, True), r)
   z, iters, broke = _cg(matvec, rhs, precond, cg_tol, cg_max_iters)
   return z, iters, broke | ~jnp.all(jnp.isfinite(L))
+
+
+def nystrom_factor(op: Operator, key, s: int, block: int = NYSTROM_BLOCK):
+  """``F`` [N, s] with ``K ~ F F^T`` by block randomly pivoted Cholesky
+  (see the module doc). Pivots whose residual is numerically zero add zero
+  columns (K of rank below ``s``)."""
+  d = op.diag()
+  n = d.shape[0]
+  F = jnp.zeros((n, 0), d.dtype)
+  tiny = jnp.finfo(d.dtype).tiny
+  done = 0
+  while done < s:
+    b = min(block, s - done)
+    key, sub = jax.random.split(key)
+    # b pivots without replacement, each drawn in proportion to d
+    logits = jnp.where(d > 0, jnp.log(jnp.maximum(d, tiny)), -jnp.inf)
+    idx = jax.lax.top_k(logits + jax.random.gumbel(sub, (n,), d.dtype), b)[1]
+    G = op.columns(idx) - jnp.dot(F, jnp.take(F, idx, axis=0).T,
+                                  precision=_HIGHEST)
+    H = jnp.take(G, idx, axis=0)
+    lam, Q = jnp.linalg.eigh(0.5 * (H + H.T))
+    keep = lam > 1e-6 * jnp.maximum(lam[-1], tiny)
+    scale = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1.0)), 0.0)
+    Fb = jnp.dot(G, Q * scale, precision=_HIGHEST)
+    F = jnp.concatenate([F, Fb], axis=1)
+    d = jnp.maximum(d - jnp.sum(Fb * Fb, axis=1), 0.0)
+    done += b
+  return F
+
+
+def nystrom_preconditioner(F, damping):
+  """``(apply P^{-1}, finite)`` for ``K ~ F F^T = U diag(lam) U^T``:
+  ``P^{-1} = (lam_min + mu) U (diag(lam) + mu)^{-1} U^T + (I - U U^T)``
+  with ``mu = damping`` and ``lam_min`` the least kept eigenvalue, which
+  maps the approximated spectrum near ``lam_min + mu`` (Frangella et al.)."""
+  U, sv, _ = jnp.linalg.svd(F, full_matrices=False)
+  lam = sv * sv
+  keep = lam > 1e-6 * jnp.maximum(lam[0], jnp.finfo(lam.dtype).tiny)
+  lam_min = jnp.min(jnp.where(keep, lam, jnp.inf))
+  lam_min = jnp.where(jnp.isfinite(lam_min), lam_min, 0.0)
+  mu = jnp.maximum(damping, jnp.finfo(lam.dtype).eps * lam[0])
+  factor = jnp.where(keep, (lam_min + mu) / (lam + mu) - 1.0, 0.0)
+
+  def apply(r):
+    return r + jnp.dot(U, factor * jnp.dot(U.T, r, precision=_HIGHEST),
+                       precision=_HIGHEST)
+
+  return apply, jnp.all(jnp.isfinite(U)) & jnp.all(jnp.isfinite(sv))
 
 
 def _cg(matvec, rhs, precond, tol, max_iters):

@@ -17,9 +17,9 @@ Gauss-Newton step is taken through the N x N Gram matrix ``K = J J^T``
 
 A step linearizes the model (:mod:`alpa_py.optim.ggn_operator`: the Gram
 operator, how K and its sketch are formed), solves the dual system
-(:mod:`alpa_py.optim.ggn_solvers`: ``solver="cholesky"``, ``"cg"`` or
-``"sketched_cg"``) and applies ``J^T alpha``. Two optimizer types share the
-settings and that step:
+(:mod:`alpa_py.optim.ggn_solvers`: ``solver="cholesky"``, ``"cg"``,
+``"sketched_cg"`` or ``"nystrom_cg"``) and applies ``J^T alpha``. Two
+optimizer types share the settings and that step:
 
 * :class:`GramGaussNewton`, for a model ``apply_fn(params, inputs)``:
   :meth:`~GramGaussNewton.step`;
@@ -292,8 +292,10 @@ def gram_gauss_newton(apply_fn: Callable | None = None, *, damping=1e-3,
       :class:`SparseGramGaussNewton`).
     damping: added to the Gram matrix's diagonal (> 0 for cross entropy).
     learning_rate: step scale (1.0: the full Gauss-Newton step).
-    solver: ``"cholesky"``, ``"cg"`` or ``"sketched_cg"``.
-    sketch_size: rows of the Gaussian sketch (default 2N).
+    solver: ``"cholesky"``, ``"cg"``, ``"sketched_cg"`` or
+      ``"nystrom_cg"``.
+    sketch_size: rows of the Gaussian sketch (default 2N), or the rank of
+      the Nystrom preconditioner (default min(N, 256)).
     cg_tol: CG stops at a relative residual of ``cg_tol``.
     cg_max_iters: CG iteration cap.
     loss: ``"mse"`` (targets like the outputs) or ``"cross_entropy"``
