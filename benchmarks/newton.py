@@ -12,8 +12,8 @@ Problems (full-batch):
   Gauss-Newton step).
 
 Methods: GGN with each solver (cholesky, cg, sketched_cg at its default
-2N sketch; sketched_cg and nystrom_cg at one sketch size, ``--sketch``), Adam and SGD with
-momentum 0.9 (each with the best of a grid of learning rates: the one that
+2N sketch; sketched_cg and nystrom_cg at one sketch size, ``--sketch``),
+Adam and SGD with momentum 0.9 (each with the best of a grid of learning rates: the one that
 reaches the target first, else the lowest final loss), and
 ``jaxopt.GaussNewton`` (regressions only) when jaxopt is installed. Every
 step is blocked on; the time is the sum of step times.

@@ -21,10 +21,9 @@ The system is ``(K + damping I) z = rhs`` (whitened for cross entropy, see
   residual ``K - F F^T``, which is D^2 sampling, the k-means++ rule, in the
   feature space of the Gram kernel (the rows of J); each block of pivots
   is drawn without replacement (Gumbel top-k) and its columns come in one
-  batch (``Operator.columns``: ``J J_S^T`` from the materialised Jacobian,
-  else one J J^T product per pivot). It costs about ``sketch_size``
-  Jacobian row products plus O(N s^2), against N p s for the Gaussian
-  sketch.
+  batch (``Operator.columns``: a J J^T product per pivot, J never formed;
+  the diagonal from J's row norms). It costs about ``sketch_size`` such
+  products plus O(N s^2), against N p s for the Gaussian sketch.
 
 A solve runs through :func:`untimed` or :func:`timed`; the latter brackets
 it with ordered host callbacks to measure its wall time, which only a step
