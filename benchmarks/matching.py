@@ -3,8 +3,11 @@ MoE router's routing quality, side by side in one run.
 
   items: 10,000 items, d = 128, arrivals one at a time (capacity 1 each).
     Per-arrival time of finding the best open item: the exact scan (one
-    vectorised matrix-vector product plus argmax, as ``ExactWeights``)
-    against ``ClusteredMIPS`` at probe 1, 2, 4; inner products computed
+    vectorised matrix-vector product plus argmax) against
+    ``ClusteredMIPS.best`` (what greedy calls per arrival; ``top(x, 1)``
+    beside it) at probe 1 (and 1 with the radius bound), 2, 4, each timed
+    with the scan in interleaved rounds after untimed warm-up queries;
+    inner products computed
     per arrival; matching value of greedy through the structure against
     greedy with exact weights. Embeddings are drawn from a 100-component
     Gaussian mixture (learned representations cluster) and, for contrast,
@@ -43,13 +46,23 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from alpa_py import matching as mt  # noqa: E402
 
 
-def _timed(fn, xs):
-  times = []
-  for x in xs:
-    t0 = time.perf_counter()
-    fn(x)
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+def _timed(fns, xs, warm=(), rounds=8):
+  """Median seconds per call of each function over the queries ``xs``,
+  timed in interleaved rounds (each function takes every ``rounds``-th
+  query in turn) so that the shared machine's slow spells fall on all of
+  them alike; before each round a function first answers the ``warm``
+  queries, untimed, so that each is timed in its own steady state of the
+  caches, not in the state the other one left."""
+  times = {name: [] for name in fns}
+  for r in range(rounds):
+    for name, fn in fns.items():
+      for x in warm:
+        fn(x)
+      for x in xs[r::rounds]:
+        t0 = time.perf_counter()
+        fn(x)
+        times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def part_items(n=10_000, d=128, arrivals=5_000, seed=0):
@@ -66,20 +79,32 @@ def part_items(n=10_000, d=128, arrivals=5_000, seed=0):
       A = rng.normal(size=(arrivals, d))
     E, A = E.astype(np.float32), A.astype(np.float32)
     exact = mt.ExactWeights(E)
-    t_exact = _timed(lambda x: int((E @ x).argmax()), A[:2000])
-    t_exact_top = _timed(lambda x: exact.top(x, 1), A[:2000])
+    buf = np.empty(n, np.float32)
+    # the scan: one vectorised product into a kept buffer, plus argmax
+    scan = lambda x: int(E.dot(x, buf).argmax())  # noqa: E731
+    warm = A[2000:2200]
+    t = _timed({"scan": scan, "exact_top": lambda x: exact.top(x, 1)},
+               A[:2000], warm)
     g_exact = mt.greedy(E, 1, A)
     row = dict(data=kind, n=n, d=d, arrivals=arrivals,
-               exact_scan_us=1e6 * t_exact, exact_top_us=1e6 * t_exact_top,
+               exact_scan_us=1e6 * t["scan"],
+               exact_top_us=1e6 * t["exact_top"],
                exact_inner_products=n, greedy_exact_value=g_exact.value,
                mips={})
-    for probe in (1, 2, 4):
-      index = mt.ClusteredMIPS(E, probe=probe, seed=seed)
-      t = _timed(lambda x: index.top(x, 1), A[:2000])
-      k = index.centers.shape[0]
-      g = mt.greedy(mt.ClusteredMIPS(E, probe=probe, seed=seed), 1, A)
-      row["mips"][probe] = dict(
-          us=1e6 * t, speedup_vs_scan=t_exact / t,
+    for probe, bound in ((1, False), (1, True), (2, False), (4, False)):
+      opts = dict(probe=probe, seed=seed, radius_bound=bound)
+      index = mt.ClusteredMIPS(E, **opts)
+      # each structure timed against the scan in the same rounds, one
+      # structure in memory at a time (as it would be deployed); ``best``
+      # is what greedy calls per arrival, ``top(x, 1)`` returns arrays
+      t = _timed({"scan": scan, "mips": index.best,
+                  "top1": lambda x: index.top(x, 1)}, A[:2000], warm)
+      k = index.num_clusters
+      index = None  # one structure in memory at a time
+      g = mt.greedy(mt.ClusteredMIPS(E, **opts), 1, A)
+      row["mips"][f"{probe}{'+radius' if bound else ''}"] = dict(
+          us=1e6 * t["mips"], top1_us=1e6 * t["top1"],
+          scan_us=1e6 * t["scan"], speedup_vs_scan=t["scan"] / t["mips"],
           inner_products=k + probe * n / k,
           greedy_value_ratio=g.value / g_exact.value)
     out.append(row)
@@ -231,13 +256,14 @@ def main(argv=None):
   t0 = time.time()
   items = part_items()
   print("items: 10,000 x 128, arrivals one at a time, capacity 1")
-  print(f"{'data':>10} {'scan us':>8} {'probe':>5} {'mips us':>8} "
-        f"{'speedup':>8} {'inner prods':>11} {'value / exact greedy':>21}")
+  print(f"{'data':>10} {'scan us':>8} {'probe':>8} {'best us':>8} "
+        f"{'top1 us':>8} {'speedup':>8} {'inner prods':>11} "
+        f"{'value / exact greedy':>21}")
   for r in items:
     for p, m in r["mips"].items():
-      print(f"{r['data']:>10} {r['exact_scan_us']:8.1f} {p:>5} {m['us']:8.1f} "
-            f"{m['speedup_vs_scan']:7.2f}x {m['inner_products']:11.0f} "
-            f"{m['greedy_value_ratio']:21.4f}")
+      print(f"{r['data']:>10} {m['scan_us']:8.1f} {p:>8} {m['us']:8.1f} "
+            f"{m['top1_us']:8.1f} {m['speedup_vs_scan']:7.2f}x "
+            f"{m['inner_products']:11.0f} {m['greedy_value_ratio']:21.4f}")
   ratios = part_ratios()
   print("\nvalue / offline optimum (greedy's worst case: 0.5)")
   for r in ratios:
@@ -257,6 +283,9 @@ def main(argv=None):
     print(f"\nMoE-small, {args.steps} steps, loss over the last 10 (mean +- "
           f"std over {args.seeds} seeds), fresh bigram-chain batches")
     train = part_train(args.steps, args.seeds)
+  elif args.json and os.path.exists(args.json):
+    with open(args.json) as f:  # keep the last training table
+      train = json.load(f).get("train", [])
   print(f"\n{time.time() - t0:.0f} s")
   if args.json:
     with open(args.json, "w") as f:

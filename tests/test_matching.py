@@ -117,6 +117,50 @@ def test_mips_equals_exact_when_probing_every_cluster():
   assert np.all(one.load <= 2)
 
 
+def test_mips_close_and_reopen_keep_the_open_set():
+  """Random closes and reopens: probing every cluster returns the exact
+  top-k among the open items; probe 1 returns only open items of the
+  cluster whose centroid scores highest among clusters with open items."""
+  rng = np.random.default_rng(5)
+  E = rng.normal(size=(300, 8)).astype(np.float32)
+  full = mt.ClusteredMIPS(E, probe=10 ** 6, num_clusters=12, seed=1)
+  one = mt.ClusteredMIPS(E, probe=1, num_clusters=12, seed=1)
+  is_open = np.ones(300, bool)
+  for step in range(600):
+    j = int(rng.integers(300))
+    for index in (full, one):
+      (index.close if is_open[j] else index.reopen)(j)
+    is_open[j] = not is_open[j]
+    if step % 3 == 0:  # closing or reopening twice changes nothing
+      full.close(j) if not is_open[j] else full.reopen(j)
+    x = rng.normal(size=8).astype(np.float32)
+    ids, w = full.top(x, 5)
+    want = np.flatnonzero(is_open)
+    want = want[np.argsort(-(E[want] @ x), kind="stable")][:5]
+    np.testing.assert_array_equal(np.sort(ids), np.sort(want))
+    np.testing.assert_allclose(w, E[ids] @ x, rtol=1e-5, atol=1e-5)
+    ids1, w1 = one.top(x, 3)
+    assert is_open[ids1].all()
+    if len(ids1):  # best: the first of top, as scalars
+      assert one.best(x) == (ids1[0], w1[0])
+    if is_open.any():
+      live = [c for c in range(one.num_clusters)
+              if is_open[one.cluster_of == c].any()]
+      best = live[int(np.argmax(one.centers[live] @ x))]
+      assert (one.cluster_of[ids1] == best).all() and len(ids1) >= 1
+  exact = mt.ExactWeights(E)
+  for j in range(300):
+    full.close(j)
+    one.close(j)
+    if j < 299:
+      exact.close(j)
+  assert len(full.top(np.ones(8, np.float32), 3)[0]) == 0
+  assert one.best(np.ones(8, np.float32)) == (-1, -np.inf)
+  assert exact.best(np.ones(8, np.float32))[0] == 299
+  exact.close(299)
+  assert exact.best(np.ones(8, np.float32)) == (-1, -np.inf)
+
+
 def test_arrivals_beyond_capacity_stay_unmatched_and_bad_input():
   E = np.eye(3, dtype=np.float32)
   A = np.ones((7, 3), np.float32)

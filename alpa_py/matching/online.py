@@ -83,17 +83,25 @@ def _run(index, capacities, arrivals, choose, update, candidates):
   arrivals = check_arrivals(arrivals, index.dim)
   if candidates < 1:
     raise ValueError(f"candidates (={candidates}) must be >= 1")
+  if choose is None:  # greedy on the best item alone: the short path
+    def pick(x):
+      j, wj = index.best(x)
+      return (j, wj) if j >= 0 and wj > 0 else None
+  else:
+    def pick(x):
+      ids, w = index.top(x, candidates)
+      if len(ids) == 0:
+        return None  # every item is full
+      k = choose(ids, w)
+      return None if k is None else (ids[k], w[k])
   left = cap.copy()
   out = np.full(arrivals.shape[0], -1, np.int64)
   value = 0.0
   for i, x in enumerate(arrivals):
-    ids, w = index.top(x, candidates)
-    if len(ids) == 0:
-      continue  # every item is full
-    k = choose(ids, w)
-    if k is None:
+    got = pick(x)
+    if got is None:
       continue
-    j, wj = int(ids[k]), float(w[k])
+    j, wj = int(got[0]), float(got[1])
     out[i] = j
     value += wj
     left[j] -= 1
@@ -110,17 +118,19 @@ def greedy(items, capacities, arrivals, *, weights: str = "exact",
 
   Args:
     items: ``[n, d]`` item embeddings, or a weight structure (``top`` and
-      ``close``; it is consumed: items close as they fill).
+      ``close``, and ``best`` for one candidate; it is consumed: items
+      close as they fill).
     capacities: ``[n]`` positive integers (or one for all).
     arrivals: ``[m, d]`` arrival embeddings, in arrival order.
     weights: ``"exact"`` (:class:`ExactWeights`) or ``"mips"``
       (:class:`ClusteredMIPS` with ``mips_options``).
     candidates: open items looked at per arrival.
   """
-  def choose(ids, w):
+  def first(ids, w):
     return 0 if w[0] > 0 else None
 
   index = _structure(items, weights, **(mips_options or {}))
+  choose = None if candidates == 1 and hasattr(index, "best") else first
   return _run(index, capacities, arrivals, choose, lambda *a: None,
               candidates)
 

@@ -11,10 +11,10 @@ weights, exact). Items close (``close``) when their capacity is used up.
   ``sqrt(n)`` clusters stored contiguously; a query scores the centroids,
   O(sqrt(n) d), and computes exact weights only for the items of the
   ``probe`` best clusters, O(probe n / sqrt(n) d). ``probe`` is the
-  accuracy knob (all clusters: exact). Ranking clusters by the centroid's
-  inner product with the query plus the cluster's radius times ``|x|``
-  bounds every member's weight from above (Cauchy-Schwarz), so a cluster
-  is skipped only when its bound is below the others'.
+  accuracy knob (all clusters: exact). Clusters are ranked by the
+  centroid's inner product with the query (``radius_bound=True`` adds the
+  cluster's radius times ``|x|``, an upper bound on every member's weight
+  by Cauchy-Schwarz, at the price of one more product per query).
 
 This is the clustering route to sublinear maximum inner product search;
 the online-matching paper this module follows (weights of the form
@@ -29,6 +29,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+
+_F32 = np.dtype(np.float32)
 
 
 def _check_items(embeddings) -> np.ndarray:
@@ -77,6 +80,13 @@ class ExactWeights(_Items):
     w = np.where(self.open, self.embeddings @ x, -np.inf)
     return _top(np.arange(w.shape[0]), w, k)
 
+  def best(self, x):
+    """``(id, weight)`` of the open item of largest weight; ``(-1, -inf)``
+    when every item is closed."""
+    w = np.where(self.open, self.embeddings @ x, -np.inf)
+    j = int(w.argmax())
+    return (j, w[j]) if w[j] > -np.inf else (-1, -np.inf)
+
 
 def _top(ids, w, k):
   k = min(k, int(np.isfinite(w).sum()))
@@ -112,17 +122,29 @@ def _kmeans(x, k, iters, rng):
 class ClusteredMIPS(_Items):
   """Inverted-file maximum inner product search (see the module doc).
 
+  Layout, chosen so that a query is two matrix-vector products and two
+  argmaxes with little else: cluster ``c`` owns the positions
+  ``[start_c, start_c + size_c)`` of one contiguous item array, and its
+  *open* items are the first ``count_c`` of them (closing an item swaps it
+  behind the open ones; reopening swaps it back), so each cluster's open
+  items are one precomputed view. Centroids of clusters with open items
+  are likewise the first ``live`` rows of the centroid array. No mask,
+  no copy of the query.
+
   Args:
     embeddings: ``[n, d]`` item embeddings.
     probe: clusters whose items are scored per query (the accuracy knob).
     num_clusters: default ``round(sqrt(n))``.
     iters: Lloyd iterations of the clustering.
     seed: the clustering's seed.
+    radius_bound: rank clusters by ``<c, x> + r |x|`` (an upper bound on
+      every member's weight, by Cauchy-Schwarz, with ``r`` the cluster's
+      radius) instead of by ``<c, x>`` alone; one more product per query.
   """
 
   def __init__(self, embeddings, *, probe: int = 4,
                num_clusters: int | None = None, iters: int = 8,
-               seed: int = 0):
+               seed: int = 0, radius_bound: bool = False):
     e = _check_items(embeddings)
     n = e.shape[0]
     k = int(num_clusters or max(1, round(np.sqrt(n))))
@@ -131,98 +153,154 @@ class ClusteredMIPS(_Items):
     if probe < 1:
       raise ValueError(f"probe (={probe}) must be >= 1")
     self.probe = int(probe)
+    self.radius_bound = bool(radius_bound)
     rng = np.random.default_rng(seed)
     centers, assign = _kmeans(e, k, iters, rng)
-    order = np.argsort(assign, kind="stable")
-    self.ids = order  # position -> item id
-    self.position = np.empty(n, np.int64)
-    self.position[order] = np.arange(n)
+    # empty clusters are dropped
     counts = np.bincount(assign, minlength=k)
-    self.starts = np.concatenate([[0], np.cumsum(counts)])
-    cluster_of = assign[order]
-    d = e.shape[1]
-    # One product per level scores, bounds and masks at once: items are
-    # stored as [embedding | penalty] and centroids as [centroid | penalty |
-    # radius], against the query [x, 1, |x|]; a penalty is 0 while open and
-    # -inf once closed.
-    self._items = np.zeros((n, d + 1), np.float32)
-    self._items[:, :d] = e[order]
-    self._centers = np.zeros((k, d + 2), np.float32)
-    self._centers[:, :d] = centers
-    self._centers[:, d] = np.where(counts > 0, 0.0, -np.inf)
-    np.maximum.at(self._centers[:, d + 1], cluster_of,
-                  np.linalg.norm(e[order] - centers[cluster_of], axis=1))
-    self._query = np.empty(d + 2, np.float32)
-    self._query[d] = 1.0
-    self._qx = self._query[:d]  # x
-    self._qi = self._query[:d + 1]  # [x, 1]: the items' query
-    self._starts = self.starts.tolist()
-    self._bound = np.empty(k, np.float32)  # the centroid product's output
-    self.open_pos = np.ones(n, bool)  # by position
-    self.open_count = counts.astype(np.int64)
-    self.cluster_of_pos = cluster_of
+    keep = np.flatnonzero(counts)
+    relabel = np.full(k, -1, np.int64)
+    relabel[keep] = np.arange(len(keep))
+    assign, centers, counts = relabel[assign], centers[keep], counts[keep]
+    k = len(keep)
+    self.num_clusters = k
+    order = np.argsort(assign, kind="stable")
+    self.ids = order.astype(np.int64)  # position -> item id
+    self.position = np.empty(n, np.int64)  # item id -> position
+    self.position[order] = np.arange(n)
+    self.cluster_of = assign.astype(np.int64)  # item id -> cluster
+    self._start = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+    self._count = counts.tolist()  # open items per cluster
+    self._items = np.ascontiguousarray(e[order])
+    radius = np.zeros(k, np.float32)
+    np.maximum.at(radius, assign,
+                  np.linalg.norm(e - centers[assign], axis=1))
+    self._centers = np.ascontiguousarray(centers, np.float32)  # by row
+    self._radius = radius  # by row
+    self._row_cluster = list(range(k))  # centroid row -> cluster
+    self._cluster_row = list(range(k))  # cluster -> centroid row
+    self._live = k
+    self._score = np.empty(k, np.float32)
+    # by centroid row: the cluster's open items and their ids (views)
+    self._row_runs = [None] * k
+    for c in range(k):
+      self._refresh(c)
+    self._refresh_live()
     self.embeddings = e
 
-  @property
-  def sorted(self) -> np.ndarray:
-    """Item embeddings in cluster order (position p is item ``ids[p]``)."""
-    return self._items[:, :-1]
+  def _refresh(self, c: int) -> None:
+    a = self._start[c]
+    b = a + self._count[c]
+    self._row_runs[self._cluster_row[c]] = (self._items[a:b], self.ids[a:b])
+
+  def _refresh_live(self) -> None:
+    live = self._live
+    self._cview = self._centers[:live]
+    self._rview = self._radius[:live]
+    self._sview = self._score[:live]
+    # the path of one probe, no radius, k = 1 with open items left
+    self._fast = live > 0 and self.probe == 1 and not self.radius_bound
 
   @property
   def centers(self) -> np.ndarray:
-    return self._centers[:, :-2]
+    """Centroids, by cluster."""
+    return self._centers[self._cluster_row]
 
   @property
   def radius(self) -> np.ndarray:
     """Per cluster, the largest distance of a member from its centroid."""
-    return self._centers[:, -1]
+    return self._radius[self._cluster_row]
+
+  def _swap_items(self, p: int, q: int) -> None:
+    if p != q:
+      items, ids = self._items, self.ids
+      items[[p, q]] = items[[q, p]]
+      ids[p], ids[q] = ids[q], ids[p]
+      self.position[ids[p]] = p
+      self.position[ids[q]] = q
+
+  def _swap_rows(self, r: int, s: int) -> None:
+    if r != s:
+      self._centers[[r, s]] = self._centers[[s, r]]
+      self._radius[[r, s]] = self._radius[[s, r]]
+      for lst in (self._row_cluster, self._row_runs):
+        lst[r], lst[s] = lst[s], lst[r]
+      rc = self._row_cluster
+      self._cluster_row[rc[r]] = r
+      self._cluster_row[rc[s]] = s
+
+  def is_open(self, item: int) -> bool:
+    c = int(self.cluster_of[item])
+    return int(self.position[item]) < self._start[c] + self._count[c]
 
   def close(self, item: int) -> None:
-    p = self.position[item]
-    if self.open_pos[p]:
-      self.open_pos[p] = False
-      self._items[p, -1] = -np.inf
-      c = self.cluster_of_pos[p]
-      self.open_count[c] -= 1
-      if self.open_count[c] == 0:
-        self._centers[c, -2] = -np.inf
+    if not self.is_open(item):
+      return
+    c = int(self.cluster_of[item])
+    last = self._start[c] + self._count[c] - 1
+    self._swap_items(int(self.position[item]), last)
+    self._count[c] -= 1
+    self._refresh(c)
+    if self._count[c] == 0:  # the centroid leaves the live rows
+      self._swap_rows(self._cluster_row[c], self._live - 1)
+      self._live -= 1
+      self._refresh_live()
 
   def reopen(self, item: int) -> None:
     """An item that had filled gets room again (a slot was released)."""
-    p = self.position[item]
-    if not self.open_pos[p]:
-      self.open_pos[p] = True
-      self._items[p, -1] = 0.0
-      c = self.cluster_of_pos[p]
-      self.open_count[c] += 1
-      self._centers[c, -2] = 0.0
+    if self.is_open(item):
+      return
+    c = int(self.cluster_of[item])
+    self._swap_items(int(self.position[item]),
+                     self._start[c] + self._count[c])
+    self._count[c] += 1
+    self._refresh(c)
+    if self._count[c] == 1:
+      self._swap_rows(self._cluster_row[c], self._live)
+      self._live += 1
+      self._refresh_live()
+
+  def best(self, x):
+    """``(id, weight)`` of the open item of largest weight in the cluster
+    of the highest score (of ``probe`` clusters); ``(-1, -inf)`` when
+    every item is closed. The short path of one-candidate greedy: numpy
+    scalars out, no arrays built."""
+    if self._fast and type(x) is np.ndarray and x.dtype is _F32:
+      # ``.dot`` (the method) has fewer dispatch layers than ``np.dot``
+      items, ids = self._row_runs[self._cview.dot(x, self._sview).argmax()]
+      w = items.dot(x)
+      i = w.argmax()
+      return ids[i], w[i]
+    ids, w = self.top(x, 1)
+    return (ids[0], w[0]) if len(ids) else (-1, -np.inf)
 
   def top(self, x, k: int):
     """``(ids, weights)`` of up to ``k`` open items of the largest weights
-    among the ``probe`` clusters of the highest bound; weights exact."""
-    q, qx = self._query, self._qx
-    qx[:] = x
-    q[-1] = math.sqrt(qx.dot(qx))
-    bound = np.dot(self._centers, q, out=self._bound)
-    if self.probe == 1:  # the common case, with the fewest calls
-      c = int(bound.argmax())
-      if bound[c] == -np.inf:
-        return self.ids[:0], np.zeros(0, np.float32)
-      a, b = self._starts[c], self._starts[c + 1]
-      w = self._items[a:b] @ self._qi
-      if k == 1:
-        i = int(w.argmax())
-        return self.ids[a + i:a + i + 1], w[i:i + 1]
-      return _top(self.ids[a:b], w, k)
-    live = int((self.open_count > 0).sum())
-    p = min(self.probe, live)
-    if p == 0:
+    among the ``probe`` clusters of the highest score; weights exact."""
+    if self._fast and k == 1 and type(x) is np.ndarray and x.dtype is _F32:
+      # the common case in the fewest steps; ``.dot`` (the method) has
+      # fewer dispatch layers than ``np.dot``
+      items, ids = self._row_runs[self._cview.dot(x, self._sview).argmax()]
+      w = items.dot(x)
+      i = w.argmax()
+      return ids[i:i + 1].copy(), w[i:i + 1]
+    x = np.asarray(x, np.float32)
+    if self._live == 0:
       return self.ids[:0], np.zeros(0, np.float32)
-    best = np.argpartition(-bound, p - 1)[:p]
-    # the chosen clusters are contiguous runs: one small product each
-    starts, qi = self._starts, self._qi
-    runs = [(starts[c], starts[c + 1]) for c in best.tolist()]
-    pos = np.concatenate([np.arange(a, b) for a, b in runs])
-    w = np.concatenate([self._items[a:b] @ qi for a, b in runs])
-    got, wt = _top(pos, w, k)
-    return self.ids[got], wt
+    score = self._cview.dot(x, self._sview)
+    if self.radius_bound:
+      score += self._rview * math.sqrt(x.dot(x))
+    if self.probe == 1:
+      items, ids = self._row_runs[score.argmax()]
+      w = items.dot(x)
+      if k == 1:
+        i = w.argmax()
+        return ids[i:i + 1].copy(), w[i:i + 1]
+      return _top(ids, w, k)
+    p = min(self.probe, self._live)
+    rows = np.argpartition(-score, p - 1)[:p] if p < self._live else \
+        range(self._live)
+    runs = [self._row_runs[r] for r in rows]
+    ids = np.concatenate([run_ids for _, run_ids in runs])
+    w = np.concatenate([items.dot(x) for items, _ in runs])
+    return _top(ids, w, k)
