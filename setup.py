@@ -10,7 +10,9 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["alpa_py", "alpa_py.*"]),
     # recorded LoRA backend measurements (benchmarks/lora_kernels.py --record)
-    package_data={"alpa_py.kernels": ["*.json"]},
+    package_data={"alpa_py.kernels": ["*.json"],
+                  "alpa_py.serve": ["data/*/*.csv", "data/*/*.json",
+                                    "data/*/*.md"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.0,<0.12",

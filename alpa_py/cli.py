@@ -7,6 +7,8 @@
                  or simulate large configs on GPU clusters (--simulate)
   alpa-py serve  serve a multi-LoRA GPT over an OpenAI-compatible HTTP API
   alpa-py serve-sim  simulate a multi-LoRA serving cluster's policies
+  alpa-py serve-plan  plan a serving workflow's variants and workers
+                 (JellyBean's heuristic beside the exact MILP)
 """
 
 from __future__ import annotations
@@ -256,6 +258,40 @@ def cmd_serve_sim(args) -> int:
   return 0
 
 
+def cmd_serve_plan(args) -> int:
+  import json as json_lib
+
+  from alpa_py.serve import planner
+  try:
+    problem = planner.load_jellybean(args.inputs, comm_scale=args.comm_scale)
+    print(f"inputs: {args.inputs}")
+    print(f"  operators {', '.join(problem.operators)}; "
+          f"{len(problem.workers)} workers in "
+          f"{1 + max(problem.tiers.values())} tiers; accuracy threshold "
+          f"{problem.threshold} at {problem.sink}")
+    plans = [planner.optimal_plan(problem, time_limit=args.time_limit)]
+    try:
+      plans.append(planner.jellybean_plan(problem))
+    except planner.PlanError as e:  # the baseline may fail where the MILP
+      print(f"  (the JellyBean heuristic: {e})")  # finds a plan
+  except planner.PlanError as e:
+    print(f"alpa-py serve-plan: {e}", file=sys.stderr)
+    return 2
+  for plan in plans:
+    print(plan)
+  if len(plans) == 2:
+    print(f"MILP / JellyBean heuristic total cost: "
+          f"{plans[0].total_cost / plans[1].total_cost:.4f}")
+  os.makedirs(args.out, exist_ok=True)
+  names = ("plan.json", "jellybean_plan.json")
+  for plan, name in zip(plans, names):
+    with open(os.path.join(args.out, name), "w") as f:
+      json_lib.dump(plan.to_json(), f, indent=2, sort_keys=True)
+  print("wrote " + ", ".join(os.path.join(args.out, n)
+                             for n in names[:len(plans)]))
+  return 0
+
+
 def cmd_serve(args) -> int:
   from alpa_py.serve import checkpoint, make_router
   import importlib.util
@@ -355,6 +391,17 @@ def main(argv=None) -> int:
   v.add_argument("--seed", type=int, default=0)
   v.add_argument("--no-plot", action="store_true")
   v.add_argument("--out", default="bench_out")
+  q = sub.add_parser("serve-plan", help="plan a serving workflow's model "
+                     "variants and workers at minimum cost (JellyBean's "
+                     "input format)")
+  q.add_argument("--inputs", default=None, help="folder of JellyBean "
+                 "optimizer inputs (default: its VQA example, embedded)")
+  q.add_argument("--out", default="plan_out")
+  q.add_argument("--time-limit", type=float, default=10.0,
+                 help="MILP time limit, seconds")
+  q.add_argument("--comm-scale", type=float, default=0.1,
+                 help="multiplies every link price (JellyBean's "
+                 "COMM_COST_SCALING_FACTOR; 0.1 in its VQA example)")
   s = sub.add_parser("serve", help="serve a multi-LoRA GPT over an "
                      "OpenAI-compatible HTTP API")
   s.add_argument("--model-config", required=True,
@@ -374,6 +421,11 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.command == "serve-sim":
     return cmd_serve_sim(args)
+  if args.command == "serve-plan":
+    if args.inputs is None:
+      from alpa_py.serve.planner import VQA_EXAMPLE
+      args.inputs = VQA_EXAMPLE
+    return cmd_serve_plan(args)
   _setup_devices(args.devices)
   if args.command == "bench" and args.simulate and args.config is None:
     args.weak_scaling = True
