@@ -11,7 +11,8 @@ setup(
     packages=find_packages(include=["alpa_py", "alpa_py.*"]),
     # recorded LoRA backend measurements (benchmarks/lora_kernels.py --record)
     package_data={"alpa_py.kernels": ["*.json"],
-                  "alpa_py.serve": ["data/*/*.csv", "data/*/*.json",
+                  "alpa_py.serve": ["data/*.csv", "data/*/*.csv",
+                                    "data/*/*.json",
                                     "data/*/*.md"]},
     python_requires=">=3.10",
     install_requires=[

@@ -71,16 +71,8 @@ def test_milp_beats_the_heuristic_on_vqa_and_is_proven_optimal(vqa):
 
 
 def _reduced(vqa, workers, rate):
-  keep = set(workers)
-  return dataclasses.replace(
-      vqa, worker_price={w: p for w, p in vqa.worker_price.items()
-                         if w in keep},
-      tiers={w: t for w, t in vqa.tiers.items() if w in keep},
-      latency_ms={k: v for k, v in vqa.latency_ms.items() if k[1] in keep},
-      worker_link={k: v for k, v in vqa.worker_link.items()
-                   if k[0] in keep and k[1] in keep},
-      source_link={k: v for k, v in vqa.source_link.items() if k[1] in keep},
-      source_rates={s: rate for s in vqa.source_rates})
+  return dataclasses.replace(pl.restrict(vqa, workers=workers),
+                             source_rates={s: rate for s in vqa.source_rates})
 
 
 def _brute_force(problem):
@@ -236,3 +228,36 @@ def test_cli_serve_plan_writes_plan_json(tmp_path, capsys):
   assert cli.main(["serve-plan", "--inputs", str(tmp_path / "none"),
                    "--out", str(tmp_path)]) == 2
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_lora_fleet_plan_meets_rates_accuracy_and_slo_in_simulation(tmp_path):
+  from alpa_py.serve.planner import fleet
+  acc = {("HotAdapter", "merged"): 30.0, ("HotAdapter", "lora-r16"): 30.0,
+         ("HotAdapter", "lora-r8"): 25.0, ("OtherAdapters", "lora-r16"): 28.0,
+         ("OtherAdapters", "lora-r8"): 20.0}
+  work = fleet.LoraWorkload(output_tokens_per_s=1024.0)
+  profiles = fleet.write_lora_fleet(str(tmp_path), acc, work,
+                                    slo_tpot_s=0.08, threshold=28.5)
+  # fewer adapter bytes never serve fewer tokens
+  for (op, dev, var), p in profiles.items():
+    if var == "lora-r8":
+      assert p[1] >= profiles[(op, dev, "lora-r16")][1]
+  problem = pl.load_jellybean(str(tmp_path), comm_scale=1.0)
+  plan = pl.optimal_plan(problem)
+  _check_plan(problem, plan)
+  # the threshold rules out truncating the other adapters
+  assert plan.model_assignment["OtherAdapters"] == "lora-r16"
+  largest = pl.optimal_plan(pl.restrict(
+      problem, combinations=[("lora-r16", "lora-r16")]))
+  assert plan.total_cost <= largest.total_cost * (1 + 1e-9)
+  op, ws = "OtherAdapters", plan.worker_rates["OtherAdapters"]
+  w, rate = ws[0]
+  sim = fleet.simulate_worker(
+      profiles[(op, w.split("#")[0], "lora-r16")], op, "lora-r16", rate,
+      work, requests=150)
+  assert sim["p99_tpot_ms"] <= 80.0
+  with pytest.raises(ValueError, match=r"no device meets the SLO \(1 ms"):
+    fleet.write_lora_fleet(str(tmp_path / "x"), acc, work, slo_tpot_s=0.001,
+                           threshold=0.0)
+  with pytest.raises(pl.PlanError, match=r"combinations \[\('a', 'b'\)\]"):
+    pl.restrict(problem, combinations=[("a", "b")])

@@ -49,8 +49,9 @@ from alpa_py.serve.planner.jellybean import jellybean_plan
 from alpa_py.serve.planner.loader import VQA_EXAMPLE, load_jellybean
 from alpa_py.serve.planner.milp import optimal_plan
 from alpa_py.serve.planner.problem import (GB_PER_HOUR, Plan, PlanError,
-                                           Problem, check, plan_costs)
+                                           Problem, check, plan_costs,
+                                           restrict)
 
 __all__ = ["GB_PER_HOUR", "Plan", "PlanError", "Problem", "VQA_EXAMPLE",
            "check", "jellybean_plan", "load_jellybean", "optimal_plan",
-           "plan_costs"]
+           "plan_costs", "restrict"]

@@ -174,3 +174,33 @@ def plan_costs(problem: Problem, model_assignment: dict,
           comm += (problem.worker_link.get((a, b), 0.0) * ra * rb * m /
                    rates[u] * GB_PER_HOUR)
   return compute, comm
+
+
+def restrict(problem: Problem, *, combinations=None, workers=None) -> Problem:
+  """``problem`` with only these accuracy-table ``combinations`` and these
+  ``workers`` (None: all): the planners' baselines ("one variant
+  everywhere", "one device type only")."""
+  out = problem
+  if combinations is not None:
+    keep = {tuple(c) for c in combinations}
+    missing = keep - set(problem.accuracy)
+    if missing:
+      raise PlanError(f"combinations {sorted(missing)} are not in the "
+                      f"accuracy table")
+    out = dataclasses.replace(out, accuracy={
+        k: v for k, v in problem.accuracy.items() if k in keep})
+  if workers is not None:
+    keep = set(workers)
+    unknown = keep - set(problem.worker_price)
+    if unknown:
+      raise PlanError(f"workers {sorted(unknown)} are not in the problem")
+    out = dataclasses.replace(
+        out,
+        worker_price={w: p for w, p in out.worker_price.items() if w in keep},
+        tiers={w: t for w, t in out.tiers.items() if w in keep},
+        latency_ms={k: v for k, v in out.latency_ms.items() if k[1] in keep},
+        worker_link={k: v for k, v in out.worker_link.items()
+                     if k[0] in keep and k[1] in keep},
+        source_link={k: v for k, v in out.source_link.items()
+                     if k[1] in keep})
+  return out
