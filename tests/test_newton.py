@@ -122,6 +122,34 @@ def test_nystrom_factor_and_preconditioned_iterations():
   assert iters["nystrom_cg"] < iters["cg"] / 2, iters
 
 
+def test_nystrom_factor_kept_between_refreshes():
+  """nystrom_refresh=3: the factor is built at steps 0 and 3 and reused at
+  1 and 2 (the same array); every step still equals cholesky's, since a
+  stale factor preconditions but does not change the solution."""
+  params, X, y = regression(seed=4)
+  opt = gram_gauss_newton(two_layer, solver="nystrom_cg", sketch_size=16,
+                          cg_tol=1e-7, cg_max_iters=300, nystrom_refresh=3)
+  ref = gram_gauss_newton(two_layer, solver="cholesky")
+  p, st, q, sr = params, opt.init(params), params, ref.init(params)
+  factors = []
+  for _ in range(4):
+    p, st, info = opt.step(p, st, X, y)
+    q, sr, _ = ref.step(q, sr, X, y)
+    factors.append(np.asarray(st.factor))
+    assert float(info["solve_residual"]) < 1e-4
+    for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q)):
+      scale = float(jnp.max(jnp.abs(b)))
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * scale)
+  assert factors[0].shape == (X.shape[0], 16)
+  np.testing.assert_array_equal(factors[1], factors[0])
+  np.testing.assert_array_equal(factors[2], factors[0])
+  assert not np.array_equal(factors[3], factors[0])
+  assert gram_gauss_newton(two_layer, solver="nystrom_cg").init(
+      params).factor is None
+  with pytest.raises(ValueError, match=r"nystrom_refresh \(=0\)"):
+    gram_gauss_newton(two_layer, nystrom_refresh=0)
+
+
 @pytest.mark.parametrize("solver", ["cholesky", "cg", "sketched_cg",
                                     "nystrom_cg"])
 def test_data_parallel_step_equals_single_device(solver):

@@ -85,26 +85,41 @@ def system_matrix(solver: Solver, op: Operator, white):
   return K
 
 
+def nystrom_rank(sketch_size, n: int) -> int:
+  """The Nystrom factor's rank: ``sketch_size``, default min(N, 256)."""
+  return min(sketch_size or 256, n)
+
+
 def solve(solver: Solver, op: Operator, K, matvec, rhs, damping, white, key, *,
-          sketch_size, cg_tol, cg_max_iters):
+          sketch_size, cg_tol, cg_max_iters, factor=None, reuse=None):
   """Solves ``matvec(z) = rhs`` (``K`` from :func:`system_matrix`):
-  ``(z, cg_iterations, breakdown)``."""
+  ``(z, cg_iterations, breakdown, nystrom factor or None)``.
+
+  ``factor`` (nystrom_cg): an earlier step's Nystrom factor of K, used
+  instead of a new one where the traced ``reuse`` is true. Any factor
+  gives a symmetric positive definite preconditioner, so a stale one
+  leaves the solution exact; it only converges more slowly as K drifts.
+  """
   n = rhs.shape[0]
   if solver is Solver.CHOLESKY:
     M = K + damping * jnp.eye(n, dtype=K.dtype)
     L = jnp.linalg.cholesky(M)
     z = jax.scipy.linalg.cho_solve((L, True), rhs)
-    return z, jnp.int32(0), ~jnp.all(jnp.isfinite(L))
+    return z, jnp.int32(0), ~jnp.all(jnp.isfinite(L)), None
   if solver is Solver.CG:
     z, iters, broke = _cg(matvec, rhs, lambda r: r, cg_tol, cg_max_iters)
-    return z, iters, broke
+    return z, iters, broke, None
   if solver is Solver.NYSTROM_CG:
-    F = nystrom_factor(op, key, min(sketch_size or 256, n))
-    if white is not None:
-      F = white.apply(F)  # A K A^T ~ (A F) (A F)^T
-    precond, ok = nystrom_preconditioner(F, damping)
+    s = nystrom_rank(sketch_size, n)
+    if factor is None:
+      F = nystrom_factor(op, key, s)
+    else:
+      F = jax.lax.cond(reuse, lambda: factor,
+                       lambda: nystrom_factor(op, key, s))
+    Fw = F if white is None else white.apply(F)  # A K A^T ~ (A F) (A F)^T
+    precond, ok = nystrom_preconditioner(Fw, damping)
     z, iters, broke = _cg(matvec, rhs, precond, cg_tol, cg_max_iters)
-    return z, iters, broke | ~ok
+    return z, iters, broke | ~ok, F
   s = sketch_size or 2 * n
   Y = op.sketch(key, s)  # [N, s]
   if white is not None:
@@ -113,7 +128,7 @@ def solve(solver: Solver, op: Operator, K, matvec, rhs, damping, white, key, *,
   L = jnp.linalg.cholesky(P)
   precond = lambda r: jax.scipy.linalg.cho_solve((L, True), r)
   z, iters, broke = _cg(matvec, rhs, precond, cg_tol, cg_max_iters)
-  return z, iters, broke | ~jnp.all(jnp.isfinite(L))
+  return z, iters, broke | ~jnp.all(jnp.isfinite(L)), None
 
 
 def nystrom_factor(op: Operator, key, s: int, block: int = NYSTROM_BLOCK):
@@ -200,10 +215,11 @@ def _cg(matvec, rhs, precond, tol, max_iters):
 
 
 def untimed(run, rhs, K, key):
-  """``run(rhs, K, key)`` (a solve) with a NaN wall time: a step traced by
-  its caller (``jax.jit``, ``alpa_py.parallelize``) cannot time itself."""
-  z, iters, broke = run(rhs, K, key)
-  return z, iters, broke, jnp.float32(jnp.nan)
+  """``run(rhs, K, key)`` (a solve: ``(z, iters, broke, extra)``) with a
+  NaN wall time before ``extra``: a step traced by its caller
+  (``jax.jit``, ``alpa_py.parallelize``) cannot time itself."""
+  z, iters, broke, extra = run(rhs, K, key)
+  return z, iters, broke, jnp.float32(jnp.nan), extra
 
 
 def timed(run, rhs, K, key):
@@ -213,11 +229,11 @@ def timed(run, rhs, K, key):
   t0 = _clock((rhs, K))
   # everything of the solve (the sketch too) waits for the clock
   rhs, K, key, t0 = jax.lax.optimization_barrier((rhs, K, key, t0))
-  z, iters, broke = run(rhs, K, key)
-  z, t1 = jax.lax.optimization_barrier((z, _clock(z)))
+  z, iters, broke, extra = run(rhs, K, key)
+  (z, extra), t1 = jax.lax.optimization_barrier(((z, extra), _clock(z)))
   seconds = (t1[0] - t0[0]).astype(jnp.float32) + 1e-6 * (
       t1[1] - t0[1]).astype(jnp.float32)
-  return z, iters, broke, seconds
+  return z, iters, broke, seconds, extra
 
 
 def _now():

@@ -56,10 +56,12 @@ from alpa_py.optim.ggn_solvers import Solver
 
 
 class GGNState(NamedTuple):
-  """Step count and the key of the random sketches."""
+  """Step count, the key of the random sketches and (``nystrom_cg`` with
+  ``nystrom_refresh > 1``) the last Nystrom factor of the Gram matrix."""
 
   count: jax.Array
   key: jax.Array
+  factor: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,7 @@ class _DualStep:
   cg_max_iters: int
   loss: Loss
   seed: int
+  nystrom_refresh: int
 
   def init(self, params) -> GGNState:
     del params
@@ -109,12 +112,21 @@ class _DualStep:
                                                              damping, self.loss)
     # formed outside run_solve: a timed step's clock leaves it out
     K = ggn_solvers.system_matrix(self.solver, op, white)
-    z, iters, broke, solve_time = run_solve(
+    factor = reuse = None
+    if (self.solver is Solver.NYSTROM_CG and self.nystrom_refresh > 1 and
+        state.factor is not None and state.factor.shape ==
+        (rhs.shape[0], ggn_solvers.nystrom_rank(self.sketch_size,
+                                                rhs.shape[0]))):
+      factor = state.factor  # rebuilt every nystrom_refresh steps
+      reuse = state.count % self.nystrom_refresh != 0
+    z, iters, broke, solve_time, factor = run_solve(
         lambda rhs, K, key: ggn_solvers.solve(
             self.solver, op, K, matvec, rhs, damping, white, key,
             sketch_size=self.sketch_size, cg_tol=self.cg_tol,
-            cg_max_iters=self.cg_max_iters),
+            cg_max_iters=self.cg_max_iters, factor=factor, reuse=reuse),
         rhs, K, sub)
+    if self.nystrom_refresh <= 1:
+      factor = None  # not kept: the state stays as small as before
     solve_res = jnp.linalg.norm(matvec(z) - rhs) / jnp.maximum(
         jnp.linalg.norm(rhs), 1e-30)
     singular = broke | ~jnp.all(jnp.isfinite(z))
@@ -124,7 +136,7 @@ class _DualStep:
     info = dict(loss=loss, damping=jnp.float32(damping),
                 residual_norm=res_norm, solve_residual=solve_res,
                 cg_iters=iters, singular=singular, solve_time_s=solve_time)
-    return alpha, GGNState(state.count + 1, key), info
+    return alpha, GGNState(state.count + 1, key, factor), info
 
   def step_sparse(self, index: FiringIndex, state: GGNState, a, targets,
                   threshold, *, capacity: int | None = None):
@@ -283,7 +295,8 @@ def gram_gauss_newton(apply_fn: Callable | None = None, *, damping=1e-3,
                       learning_rate=1.0, solver="cholesky", sketch_size=None,
                       cg_tol=1e-6, cg_max_iters=100, loss="mse",
                       jacobian_bytes=1 << 30, per_example=True,
-                      seed=0) -> GramGaussNewton | SparseGramGaussNewton:
+                      seed=0, nystrom_refresh=1
+                      ) -> GramGaussNewton | SparseGramGaussNewton:
   """The Gram-Gauss-Newton optimizer for ``apply_fn(params, inputs)``.
 
   Args:
@@ -306,6 +319,12 @@ def gram_gauss_newton(apply_fn: Callable | None = None, *, damping=1e-3,
       ``jacrev`` on single examples: O(n p) work); ``False``: one VJP of
       the whole batch per output (O(N n p)).
     seed: key of the sketches.
+    nystrom_refresh: ``nystrom_cg`` builds its factor every this many steps
+      and preconditions the steps between with the last one (kept in the
+      state). A stale factor still gives a positive definite
+      preconditioner, so the steps are as exact; it pays off when the
+      examples stay the same from step to step (full batch), where the
+      Gram matrix drifts slowly.
   """
   try:
     solver_e = Solver(solver)
@@ -321,13 +340,16 @@ def gram_gauss_newton(apply_fn: Callable | None = None, *, damping=1e-3,
     raise ValueError(f"learning_rate (={learning_rate}) must be > 0")
   if sketch_size is not None and sketch_size < 1:
     raise ValueError(f"sketch_size (={sketch_size}) must be positive")
+  if int(nystrom_refresh) < 1:
+    raise ValueError(f"nystrom_refresh (={nystrom_refresh}) must be >= 1")
   if cg_max_iters < 1 or not cg_tol > 0:
     raise ValueError(f"cg_max_iters (={cg_max_iters}) must be >= 1 and "
                      f"cg_tol (={cg_tol}) > 0")
   settings = dict(damping=float(damping), learning_rate=float(learning_rate),
                   solver=solver_e, sketch_size=sketch_size,
                   cg_tol=float(cg_tol), cg_max_iters=int(cg_max_iters),
-                  loss=loss_e, seed=int(seed))
+                  loss=loss_e, seed=int(seed),
+                  nystrom_refresh=int(nystrom_refresh))
   if apply_fn is None:
     return SparseGramGaussNewton(**settings)
   return GramGaussNewton(**settings, apply_fn=apply_fn,
