@@ -3,8 +3,12 @@
 * :mod:`alpa_py.sketch.kmeans`: k-means++ seeding (FastKmeans++'s
   projected proposal with rejection to exact D^2 sampling, and the plain
   algorithm), Lloyd's refinement, the k-means cost.
+* :mod:`alpa_py.sketch.kernel_sum`: ``KernelSum``, a dynamic kernel-sum
+  (kernel density) structure with a per-query guarantee under adaptive
+  queries.
 """
 
+from alpa_py.sketch.kernel_sum import KernelSum
 from alpa_py.sketch.kmeans import kmeans_cost, kmeans_plusplus, lloyd
 
-__all__ = ["kmeans_cost", "kmeans_plusplus", "lloyd"]
+__all__ = ["KernelSum", "kmeans_cost", "kmeans_plusplus", "lloyd"]
