@@ -108,9 +108,9 @@ def reached(curve, target):
   return None, None
 
 
-def ggn_curve(prob, solver, args, sketch_size=None, refresh=1):
+def ggn_curve(prob, solver, args, sketch_size=None, refresh=1, cap=200):
   opt = gram_gauss_newton(prob["apply"], solver=solver, loss=prob["loss"],
-                          damping=prob["damping"], cg_max_iters=200,
+                          damping=prob["damping"], cg_max_iters=cap,
                           sketch_size=sketch_size, nystrom_refresh=refresh)
   info_log = []
 
