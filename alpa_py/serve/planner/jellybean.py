@@ -78,10 +78,10 @@ def _greedy_assignment(problem, model, order, best_k):
           ranked = sorted(sat, key=lambda w: (
               price[w] + link_cost(st, v, w, want, 1.0), tp(v, w)))
         else:
-          ranked = sorted(avail, key=lambda w: (
-              (price[w] + link_cost(st, v, w, tp(v, w), tp(v, w) / want)) /
-              tp(v, w), price[w] + link_cost(st, v, w, tp(v, w),
-                                             tp(v, w) / want)))
+          # per-item cost (price + traffic at full throughput), then cost
+          cost = {w: price[w] + link_cost(st, v, w, tp(v, w), tp(v, w) / want)
+                  for w in avail}
+          ranked = sorted(avail, key=lambda w: (cost[w] / tp(v, w), cost[w]))
         got, picked = 0.0, []
         while got < want and ranked:
           w = ranked.pop(0)
