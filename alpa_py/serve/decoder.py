@@ -68,22 +68,35 @@ def _lora_dense(lay: Layout, p, slots, kind: str, layer: int, x, lora):
   return y + upd.reshape(y.shape)
 
 
-def _block(lay: Layout, p, slots, i, x, lora, attend):
-  """One transformer block on ``x[B, S, H]``; ``attend(q, k, v)`` does the
-  attention (and the cache writes) for this layer."""
+def _qkv(lay: Layout, p, slots, i, x, lora):
+  """The attention inputs of block ``i`` for ``x[B, S, H]``: q, k and v,
+  each ``[B, S, heads, head_dim]``."""
   cfg = lay.cfg
   b, s, h = x.shape
   nh = cfg.num_heads
   y = _ln(p["LayerNorm_0"], x, cfg.dtype)
   qkv = _lora_dense(lay, p["qkv"], slots, "qkv", i, y, lora)
   q, k, v = jnp.split(qkv.reshape(b, s, 3, nh, h // nh), 3, axis=2)
-  q, k, v = (t.squeeze(2) for t in (q, k, v))
-  ctx = attend(q, k, v).reshape(b, s, h)
-  x = x + _lora_dense(lay, p["proj"], slots, "proj", i, ctx, lora)
+  return tuple(t.squeeze(2) for t in (q, k, v))
+
+
+def _after_attention(lay: Layout, p, slots, i, x, ctx, lora):
+  """The rest of block ``i`` once attention gave ``ctx`` (any shape of
+  ``x``'s size)."""
+  cfg = lay.cfg
+  x = x + _lora_dense(lay, p["proj"], slots, "proj", i,
+                      ctx.reshape(x.shape).astype(x.dtype), lora)
   y = _ln(p["LayerNorm_1"], x, cfg.dtype)
   y = _lora_dense(lay, p["fc1"], slots, "fc1", i, y, lora)
   y = nn.gelu(y)
   return x + _lora_dense(lay, p["fc2"], slots, "fc2", i, y, lora)
+
+
+def _block(lay: Layout, p, slots, i, x, lora, attend):
+  """One transformer block on ``x[B, S, H]``; ``attend(q, k, v)`` does the
+  attention (and the cache writes) for this layer."""
+  q, k, v = _qkv(lay, p, slots, i, x, lora)
+  return _after_attention(lay, p, slots, i, x, attend(q, k, v), lora)
 
 
 def _softmax_attend(scores, mask, v_rows, spec):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alpa_py.serve import decoder
+from alpa_py.serve import approx_attention, decoder
 from alpa_py.serve.adapters import AdapterCache, host_adapters
 from alpa_py.serve.kv_cache import PagePool
 from alpa_py.serve.request import Request
@@ -40,7 +40,9 @@ class EngineStats:
   tokens over the wall time spent in ``step``; ``kv_pages_used`` the most
   pages held at once; ``mean_distinct_adapters`` counts adapters (not the
   base model) per step; ``preemptions`` the requests preempted and later
-  re-prefilled."""
+  re-prefilled. With ``attention="kernel_sum"``: ``attention_evaluations``
+  counts the key evaluations of the decode queries (every layer and
+  head), ``attention_keys`` the keys exact attention would have read."""
 
   steps: int
   mean_batch_size: float
@@ -51,6 +53,8 @@ class EngineStats:
   adapter_evictions: int
   preemptions: int = 0
   generated_tokens: int = 0
+  attention_evaluations: int = 0
+  attention_keys: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +74,8 @@ class _Seq:
   generated: list
   admitted: int = -1  # admission order (preemption takes the newest)
   preempted: bool = False
+  forced: list | None = None  # teacher-forced tokens (``Engine.score``)
+  scores: list | None = None  # their logits
 
   @property
   def done(self) -> bool:
@@ -98,19 +104,30 @@ class Engine:
       them, up to ``max_batch``); the others wait in host memory.
     device: the device (default: the first).
     lora_backend: the LoRA operators' backend (``kernels.lora``).
+    attention: ``"exact"``, or ``"kernel_sum"``: decode attends through a
+      ``sketch.KVAttention`` per sequence, layer and head
+      (``serve.approx_attention``; relative error ``eps`` per query);
+      ``attention_options`` go to it (``eps``, ``delta``,
+      ``exact_below``, ``seed``, ...).
   """
 
   def __init__(self, model, params, *, max_batch: int = 32,
                page_size: int = 16, num_pages: int | None = None,
                adapter_cache: int | None = None, device=None,
-               lora_backend: str = "auto"):
+               lora_backend: str = "auto", attention: str = "exact",
+               attention_options: dict | None = None):
     cfg = getattr(model, "cfg", None)
     if cfg is None or not getattr(cfg, "lora_adapters", 0):
       raise ValueError("serve.Engine needs an alpa_py.models.GPT with "
                        "lora_adapters > 0 (its cfg sets how many adapters)")
     if not isinstance(max_batch, int) or max_batch <= 0:
       raise ValueError(f"max_batch (={max_batch!r}) must be an int > 0")
+    if attention not in approx_attention.ATTENTION:
+      raise ValueError(f"attention (={attention!r}) must be one of "
+                       f"{approx_attention.ATTENTION}")
     self.cfg = cfg
+    self.sketch = approx_attention.SketchedKV(cfg, attention_options) \
+        if attention == "kernel_sum" else None
     self.device = device or jax.devices()[0]
     self.max_batch = max_batch
     self.layout = decoder.Layout(cfg, page_size, lora_backend)
@@ -220,6 +237,28 @@ class Engine:
           out[ev.rid].append(ev.token)
     return [out[rid] for rid in rids]
 
+  def score(self, request: Request, continuation: Sequence[int]
+            ) -> np.ndarray:
+    """Teacher forcing: the model's next-token logits after the prompt and
+    each prefix of ``continuation`` (row j: after ``continuation[:j]``),
+    ``[len(continuation), vocab]``, computed by this engine's prefill and
+    decode (its attention included) while it serves whatever else is
+    queued. ``request.max_new_tokens`` and ``stop`` are ignored."""
+    cont = [int(t) for t in continuation]
+    if not cont:
+      raise ValueError("continuation is empty; give at least one token id")
+    bad = [t for t in cont if not 0 <= t < self.cfg.vocab_size]
+    if bad:
+      raise ValueError(f"continuation has token id {bad[0]} outside "
+                       f"[0, {self.cfg.vocab_size})")
+    req = dataclasses.replace(request, max_new_tokens=len(cont), stop=())
+    rid = self.submit(req)
+    seq = self._waiting[-1]
+    seq.forced, seq.scores = cont, []
+    while not self._finished(rid, None):
+      self.step()
+    return np.stack(seq.scores)
+
   def _finished(self, rid, out) -> bool:
     return not any(s.rid == rid for s in self._waiting) and \
         not any(s.rid == rid for s in self._running)
@@ -248,6 +287,8 @@ class Engine:
     for s in batch:
       if s.done:
         self.pool.release(s.rid)
+        if self.sketch is not None:
+          self.sketch.drop(s.rid)
     self._seconds += time.perf_counter() - t0
     return events
 
@@ -273,6 +314,8 @@ class Engine:
 
   def _preempt(self, s: _Seq) -> None:
     self.pool.release(s.rid)
+    if self.sketch is not None:
+      self.sketch.drop(s.rid)
     self._preemptions += 1
     s.preempted = True
     self._waiting.appendleft(s)
@@ -314,12 +357,17 @@ class Engine:
       counters[i] = len(s.generated)
     return temps, seeds, counters
 
-  def _emit(self, seqs, tokens, sample_mask) -> list[Event]:
+  def _emit(self, seqs, tokens, sample_mask, logits) -> list[Event]:
     events = []
-    for s, tok, take in zip(seqs, tokens, sample_mask):
+    rows = None
+    for r, (s, tok, take) in enumerate(zip(seqs, tokens, sample_mask)):
       if not take:
         continue
       tok = int(tok)
+      if s.forced is not None:
+        rows = np.asarray(logits) if rows is None else rows
+        s.scores.append(rows[r])
+        tok = s.forced[len(s.generated)]
       s.generated.append(tok)
       s.tokens.append(tok)
       self._tokens += 1
@@ -356,12 +404,17 @@ class Engine:
     starts[len(new):rb + 1] = t
     starts[rb + 1] = tb
     temps, seeds, counters = self._sampling(new, rb)
-    nxt, _, self.k_pages, self.v_pages = decoder.prefill(
+    nxt, logits, self.k_pages, self.v_pages = decoder.prefill(
         self.layout, self.params, self.adapters.slots, self.k_pages,
         self.v_pages, tokens, positions, segment, pages, offsets, starts,
         seg_slots, last, temps, seeds, counters)
+    if self.sketch is not None:
+      for s, ctx in zip(new, ctxs):
+        self.sketch.build(s.rid, *approx_attention.context_kv(
+            self.k_pages, self.v_pages, self.pool.tables[s.rid], len(ctx),
+            ps))
     nxt = np.asarray(nxt)[:len(new)]
-    return self._emit(new, nxt, [not s.generated for s in new])
+    return self._emit(new, nxt, [not s.generated for s in new], logits)
 
   def _decode(self, seqs: list[_Seq]) -> list[Event]:
     b = _bucket(len(seqs))
@@ -376,12 +429,17 @@ class Engine:
       tables[i, :len(table)] = table
       slot_ids[i] = self.adapters.slot(s.req.adapter)
     temps, seeds, counters = self._sampling(seqs, b)
-    nxt, _, self.k_pages, self.v_pages = decoder.decode_step(
-        self.layout, self.params, self.adapters.slots, self.k_pages,
-        self.v_pages, tokens, positions, tables, slot_ids, temps, seeds,
-        counters)
+    if self.sketch is not None:
+      nxt, logits = self.sketch.decode(self, [s.rid for s in seqs], tokens,
+                                       positions, slot_ids, temps, seeds,
+                                       counters)
+    else:
+      nxt, logits, self.k_pages, self.v_pages = decoder.decode_step(
+          self.layout, self.params, self.adapters.slots, self.k_pages,
+          self.v_pages, tokens, positions, tables, slot_ids, temps, seeds,
+          counters)
     nxt = np.asarray(nxt)[:len(seqs)]
-    return self._emit(seqs, nxt, [True] * len(seqs))
+    return self._emit(seqs, nxt, [True] * len(seqs), logits)
 
   # -- figures ---------------------------------------------------------------
 
@@ -395,4 +453,6 @@ class Engine:
         kv_pages_used=self._peak_pages,
         adapter_loads=self.adapters.loads,
         adapter_evictions=self.adapters.evictions,
-        preemptions=self._preemptions, generated_tokens=self._tokens)
+        preemptions=self._preemptions, generated_tokens=self._tokens,
+        attention_evaluations=self.sketch.evaluations if self.sketch else 0,
+        attention_keys=self.sketch.keys if self.sketch else 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Sequence
 
 
@@ -38,8 +39,8 @@ class Request:
     prompt = list(self.prompt)
     if not prompt:
       raise ValueError("Request.prompt is empty; give at least one token id")
-    bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool)
-           or not 0 <= t < vocab_size]
+    bad = [t for t in prompt if not isinstance(t, numbers.Integral)
+           or isinstance(t, bool) or not 0 <= t < vocab_size]
     if bad:
       raise ValueError(f"Request.prompt holds token id(s) {bad[:5]} outside "
                        f"[0, {vocab_size}) (the model's vocabulary)")

@@ -244,8 +244,10 @@ class KernelSum:
     k = self.buckets or max(1, int(round(math.sqrt(n))))
     fit = live if n <= self.fit_sample else rng.choice(
         live, self.fit_sample, replace=False)
-    k = min(k, len(fit))
     Xf = self._X[fit]
+    k = min(k, len(fit))
+    if k > 1:  # k-means++ needs k distinct points
+      k = min(k, len(np.unique(Xf, axis=0)))
     centers, _ = kmeans_plusplus(int(rng.integers(2 ** 31)), Xf, k)
     centers, _ = lloyd(Xf, centers, iters=4)
     centers = np.asarray(centers, np.float32)
