@@ -239,6 +239,10 @@ class KVAttention:
     total = p.sum()
     # heavy buckets summed exactly
     exact = p >= self.heavy * total
+    if cnt[exact].sum() > self.fallback * n_live:
+      # diffuse: the heavy buckets alone cost more than the fallback
+      self.last_evaluations = n_live
+      return self.attend_exact(q)[0].astype(np.float64)
     D, N = self._sums(ks._members_of(np.flatnonzero(exact)), q, shift)
     evals = int(cnt[exact].sum())
     rest = np.flatnonzero(live & ~exact)
