@@ -156,3 +156,19 @@ def test_engine_attention_errors_name_the_value():
   with pytest.raises(ValueError, match="attention_options"):
     serve.Engine(model, params, attention="kernel_sum",
                  attention_options=dict(bogus=1))
+
+
+def test_engine_kernel_sum_survives_preemption_and_frees_structures():
+  # a small pool preempts; a preempted sequence drops its structures and
+  # builds them again at its re-prefill; every structure goes at the end
+  from serve_models import check_greedy
+  model, params = tiny_model()
+  reqs = [serve.Request(prompt=[i + 1, 2 * i + 3], adapter=i,
+                        max_new_tokens=20) for i in range(4)]
+  eng = serve.Engine(model, params, max_batch=4, page_size=4, num_pages=12,
+                     attention="kernel_sum")
+  outs = eng.generate(reqs)
+  assert eng.stats.preemptions > 0
+  for req, out in zip(reqs, outs):
+    check_greedy(req, out)
+  assert not eng.sketch._sets
