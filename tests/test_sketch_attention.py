@@ -84,13 +84,36 @@ def test_insert_delete_replace_track_the_set():
   keep = np.concatenate([K[4000:4500], K[1500:4000], K[4500:4600]])
   vals = np.concatenate([V[4000:4500], V[1500:4000], V[4500:4600]])
   assert len(s) == len(keep)
+  # the buckets' spreads equal a recomputation from their members
+  ks = s._ks
+  live = np.flatnonzero(ks._alive[:ks._n])
+  b = ks._bucket[live]
+  r2 = np.bincount(b, ((ks._X[live] - ks._centers[b]).astype(np.float64)
+                       ** 2).sum(1), minlength=len(ks._centers))
+  np.testing.assert_allclose(s._r2, r2, rtol=1e-6, atol=1e-6)
   ref = KVAttention(d, exact_below=10 ** 9)
   ref.insert(keep, vals)
+  sampled = 0
   for _ in range(10):
-    q = keep[rng.integers(len(keep))] + rng.normal(size=d).astype(np.float32)
+    q = 2 * keep[rng.integers(len(keep))] + rng.normal(size=d).astype(
+        np.float32)
     np.testing.assert_allclose(s.attend_exact(q), ref.attend_exact(q),
                                rtol=1e-4, atol=1e-5)
     assert rel(s.attend(q)[0], ref.attend_exact(q)[0]) < 0.1
+    sampled += s.last_sampled
+  assert sampled >= 5  # peaked queries: answered from draws
+
+
+def test_large_scores_do_not_overflow():
+  # keys and queries scaled up: scores far above the centres' (by |q| r)
+  K, V, rng = clustered_cache(6000, 16, seed=4)
+  s = KVAttention(16, exact_below=64, seed=0)
+  s.insert(8 * K, V)
+  for _ in range(5):
+    q = 8 * K[rng.integers(6000)]
+    out = s.attend(q)[0]
+    assert np.all(np.isfinite(out))
+    assert rel(out, s.attend_exact(q)[0]) < 0.1
 
 
 def test_bad_input():
@@ -136,17 +159,62 @@ def test_engine_score_teacher_forces_both_attentions():
   ex = serve.Engine(model, params, max_batch=2)
   traj = ex.generate([req])[0]
   se = ex.score(req, traj)
-  assert se.shape == (len(traj), CFG.vocab_size)
+  assert se.shape == (len(traj), CFG.vocab_size) and se.dtype == np.float32
   assert list(se.argmax(1)) == traj  # greedy: the argmax is the trajectory
-  # sampled attention on every query (exact_below tiny): argmax kept
-  ap = serve.Engine(model, params, max_batch=2, attention="kernel_sum",
-                    attention_options=dict(exact_below=4, eps=0.05, seed=0))
-  sa = ap.score(req, traj)
-  assert np.mean(sa.argmax(1) == np.array(traj)) >= 0.9
   with pytest.raises(ValueError, match="continuation is empty"):
     ex.score(req, [])
   with pytest.raises(ValueError, match="token id 99"):
     ex.score(req, [1, 99])
+  with pytest.raises(ValueError, match="token id 1.5"):
+    ex.score(req, [1, 1.5])
+  with pytest.raises(ValueError, match="prompt \\+ continuation is 39"):
+    ex.score(req, [1] * 30)
+
+
+def _peaked_long_model(seq_len):
+  """A tiny GPT whose query projection is scaled up (peaked attention, as
+  trained models have) with room for long contexts."""
+  import jax
+  import jax.numpy as jnp
+  from alpa_py.models.gpt import GPT, GPTConfig
+  cfg = GPTConfig(vocab_size=64, seq_len=seq_len, hidden=32, num_heads=2,
+                  num_layers=2, lora_adapters=1, lora_rank=4)
+  model = GPT(cfg)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32),
+                      jnp.zeros((1,), jnp.int32))
+
+  def scale_q(path, x):
+    names = [getattr(p, "key", None) for p in path]
+    if "qkv" in names and names[-1] == "kernel":
+      return x.at[:, :cfg.hidden].multiply(4.0)
+    return x
+  return model, jax.tree_util.tree_map_with_path(scale_q, params)
+
+
+def test_engine_sampled_attention_keeps_the_greedy_argmax():
+  # a 1,200-token context attended by draws (the exact fallback switched
+  # off; heavy buckets exactly), teacher-forced along the exact trajectory,
+  # while another request is served alongside and gets its events
+  model, params = _peaked_long_model(1600)
+  rng = np.random.default_rng(0)
+  req = serve.Request(prompt=[int(t) for t in rng.integers(64, size=1200)],
+                      max_new_tokens=10)
+  other = serve.Request(prompt=[3, 4, 5], max_new_tokens=4)
+  ex = serve.Engine(model, params, max_batch=2, page_size=32)
+  traj, other_out = ex.generate([req, other])
+  eng = serve.Engine(model, params, max_batch=2, page_size=32,
+                     attention="kernel_sum",
+                     attention_options=dict(exact_below=256, eps=0.05,
+                                            fallback=1.0, seed=0))
+  rid = eng.submit(other)
+  sa = eng.score(req, traj)
+  assert eng.sketch.sampled > 0
+  assert eng.stats.attention_evaluations < eng.stats.attention_keys
+  assert np.mean(sa.argmax(1) == np.array(traj)) >= 0.9
+  got = []
+  while eng.has_work:  # the other request's events were kept for step()
+    got += [ev.token for ev in eng.step() if ev.rid == rid]
+  assert got == other_out
 
 
 def test_engine_attention_errors_name_the_value():
@@ -156,6 +224,12 @@ def test_engine_attention_errors_name_the_value():
   with pytest.raises(ValueError, match="attention_options"):
     serve.Engine(model, params, attention="kernel_sum",
                  attention_options=dict(bogus=1))
+  with pytest.raises(ValueError, match="attention_options.*eps"):
+    serve.Engine(model, params, attention="kernel_sum",
+                 attention_options=dict(eps=2.0))
+  with pytest.raises(ValueError, match="fixes the head dimension"):
+    serve.Engine(model, params, attention="kernel_sum",
+                 attention_options=dict(scale=1.0))
 
 
 def test_engine_kernel_sum_survives_preemption_and_frees_structures():

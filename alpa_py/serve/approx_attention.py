@@ -73,15 +73,25 @@ class SketchedKV:
   def __init__(self, cfg, options: dict | None = None):
     self.cfg = cfg
     self.head_dim = cfg.hidden // cfg.num_heads
-    self.options = {"eps": DEFAULT_EPS, **(options or {})}
+    options = dict(options or {})
+    fixed = sorted(set(options) & {"dim", "value_dim", "scale"})
+    if fixed:
+      raise ValueError(f"attention_options sets {fixed}: the model fixes "
+                       "the head dimension and the score scale")
+    self.options = {"eps": DEFAULT_EPS, **options}
+    self._seed = self.options.pop("seed", None)
+    if self._seed is not None and (not isinstance(self._seed, int)
+                                   or self._seed < 0):
+      raise ValueError(f"attention_options seed (={self._seed!r}) must be "
+                       "an int >= 0 or None")
     try:
       KVAttention(self.head_dim, **self.options)
-    except TypeError as e:
-      raise ValueError(f"attention_options (={self.options!r}) has a key "
-                       f"KVAttention does not take: {e}") from None
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"attention_options (={options!r}): {e}") from None
     self._sets: dict[int, list[list[KVAttention]]] = {}
     self.evaluations = 0  # key evaluations of every decode query
     self.keys = 0  # the keys exact attention would have read for them
+    self.sampled = 0  # queries answered from draws (not exactly)
 
   def __contains__(self, rid: int) -> bool:
     return rid in self._sets
@@ -95,7 +105,9 @@ class SketchedKV:
     for i in range(self.cfg.num_layers):
       row = []
       for h in range(self.cfg.num_heads):
-        s = KVAttention(self.head_dim, **self.options)
+        # a seed of its own per sequence, layer and head (None: the OS's)
+        seed = None if self._seed is None else [self._seed, rid, i, h]
+        s = KVAttention(self.head_dim, seed=seed, **self.options)
         s.insert(k[i, :, h], v[i, :, h])
         row.append(s)
       sets.append(row)
@@ -110,6 +122,7 @@ class SketchedKV:
       s.insert(k[h], v[h])
       out[h] = s.attend(q[h])[0]
       self.evaluations += s.last_evaluations
+      self.sampled += s.last_sampled
       self.keys += len(s)
     return out
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import numbers
 import time
 from typing import Sequence
 
@@ -155,6 +156,7 @@ class Engine:
     self._seconds = 0.0
     self._peak_pages = 0
     self._preemptions = 0
+    self._held: list[Event] = []  # other requests' events during score()
 
   # -- sizing ----------------------------------------------------------------
 
@@ -210,7 +212,7 @@ class Engine:
 
   @property
   def has_work(self) -> bool:
-    return bool(self._waiting or self._running)
+    return bool(self._waiting or self._running or self._held)
 
   def view(self, gid: int = 0) -> GpuView:
     """What a scheduling policy sees of this engine: its requests (running
@@ -243,21 +245,36 @@ class Engine:
     each prefix of ``continuation`` (row j: after ``continuation[:j]``),
     ``[len(continuation), vocab]``, computed by this engine's prefill and
     decode (its attention included) while it serves whatever else is
-    queued. ``request.max_new_tokens`` and ``stop`` are ignored."""
-    cont = [int(t) for t in continuation]
+    queued (their events wait for the next ``step``).
+    ``request.max_new_tokens`` and ``stop`` are ignored.
+
+    Raises:
+      ValueError: an empty continuation, a token id that is not an
+        integer in the vocabulary, or prompt + continuation longer than
+        the model's ``seq_len``.
+    """
+    cont = list(continuation)
     if not cont:
       raise ValueError("continuation is empty; give at least one token id")
-    bad = [t for t in cont if not 0 <= t < self.cfg.vocab_size]
+    bad = [t for t in cont if not isinstance(t, numbers.Integral)
+           or isinstance(t, bool) or not 0 <= t < self.cfg.vocab_size]
     if bad:
-      raise ValueError(f"continuation has token id {bad[0]} outside "
-                       f"[0, {self.cfg.vocab_size})")
+      raise ValueError(f"continuation has token id {bad[0]!r}: ids are "
+                       f"integers in [0, {self.cfg.vocab_size})")
+    total = len(list(request.prompt)) + len(cont)
+    if total > self.cfg.seq_len:
+      raise ValueError(f"prompt + continuation is {total} tokens, more than "
+                       f"the model's seq_len (={self.cfg.seq_len}); shorten "
+                       "the continuation")
     req = dataclasses.replace(request, max_new_tokens=len(cont), stop=())
     rid = self.submit(req)
     seq = self._waiting[-1]
-    seq.forced, seq.scores = cont, []
+    seq.forced, seq.scores = [int(t) for t in cont], []
+    kept: list[Event] = []  # step() hands back what was held before
     while not self._finished(rid, None):
-      self.step()
-    return np.stack(seq.scores)
+      kept += [ev for ev in self.step() if ev.rid != rid]
+    self._held = kept
+    return np.stack(seq.scores).astype(np.float32)
 
   def _finished(self, rid, out) -> bool:
     return not any(s.rid == rid for s in self._waiting) and \
@@ -267,6 +284,7 @@ class Engine:
 
   def step(self) -> list[Event]:
     """Admits and prefills what fits, decodes one token for the rest."""
+    held, self._held = self._held, []
     t0 = time.perf_counter()
     preempted = self._preemptions
     old = self._make_room(list(self._running))
@@ -290,7 +308,7 @@ class Engine:
         if self.sketch is not None:
           self.sketch.drop(s.rid)
     self._seconds += time.perf_counter() - t0
-    return events
+    return held + events
 
   def _in_use(self, seqs) -> set:
     return {s.req.adapter for s in seqs if s.req.adapter >= 0}

@@ -16,28 +16,36 @@ that use.
 
 * **Buckets.** The keys are hashed to their nearest of about
   ``sqrt(n)`` k-means centres by a :class:`KernelSum` (its dynamic
-  buckets, radii and rebuilds); the values sit beside them by id.
-* **Bounds.** For a bucket with centre ``mu_c`` and radius ``r_c``, every
-  member's score lies in ``<q, mu_c> scale +- |q| r_c scale``
-  (Cauchy-Schwarz). This is the bound the Gaussian-kernel view gives with
-  the per-key factor bounded separately, only tighter: that route gives a
-  slack of ``r_c (|mu_c| + |q - mu_c|)`` in place of ``r_c |q|``.
-* **Heavy buckets exactly.** The bucket with the largest upper mass
-  ``n_c exp(hi_c)`` and every small bucket are summed exactly; buckets
-  whose upper mass, with the values' largest norm, cannot move the output
-  by a ``tail_share`` of ``eps`` all together are left out (a bounded,
-  deterministic part of the error bound).
-* **The rest sampled, as strata.** A pilot of ``pilot`` draws per bucket,
-  then Neyman's allocation for the output's error: the residuals
-  ``exp(s_i) (v_i - o)`` (the delta method for ``N / D``) give each
-  stratum's variance, the draws needed for ``z_{1-delta/2} sqrt(sum n_c^2
-  var_c / m_c) <= eps |o| D`` are predicted, and a bucket whose share
-  reaches half its size is summed exactly. When the prediction exceeds
-  ``fallback`` of the set, the remaining buckets are summed exactly: a
-  query whose attention is too diffuse for sampling (values that nearly
+  buckets, radii and rebuilds; built once the set outgrows
+  ``exact_below``); the values sit beside them by id, and each bucket's
+  spread (the sum of its members' squared distances to the centre) is
+  kept through inserts, deletes, replaces and rebuilds.
+* **Expected mass.** If a bucket's offsets from its centre were
+  isotropic, its members' scores would be normal around the centre's,
+  ``a_c = <q, mu_c> scale``, with variance ``scale^2 |q|^2 ms_c / d``
+  (``ms_c`` the mean squared offset), so the bucket's share of ``D`` is
+  about ``n_c exp(a_c + scale^2 |q|^2 ms_c / (2 d))``. Buckets with at
+  least ``heavy`` of that expected mass are summed exactly.
+* **The rest by importance sampling.** A key is drawn by picking a
+  bucket with probability ``(1 - defensive)`` times its share of the
+  expected mass plus ``defensive`` times its share of the keys, then a
+  member uniformly; weighting each draw by its inverse probability makes
+  the estimates of ``N`` and ``D`` unbiased (the ratio has the usual
+  O(1/m) bias). Draws double until the normal bound ``z_{1-delta/2}
+  sqrt(tr Cov(w (v - o)) / m)`` (the delta method for ``N / D``) is
+  within ``eps |o| D``. When the heavy buckets or the predicted draws
+  exceed ``fallback`` of the set, one exact pass answers instead: a query
+  whose attention is too diffuse for sampling (values that nearly
   cancel) costs about an exact pass rather than breaking its bound.
-  ``last_evaluations`` counts the key evaluations of the last query
+  ``last_evaluations`` counts the keys scored for the last query
   (centres not counted; ``last_centres`` holds those).
+* **What the bound does not cover.** It is a central-limit bound on the
+  sampled part: a single key far from its bucket's centre in the query's
+  direction that carries a large share of the attention (and that the
+  draws miss) is invisible to it. The Cauchy-Schwarz bound on such a key,
+  ``|q| r_c scale`` above the centre's score, is far too loose in 64
+  dimensions to guard with (in the benchmark's cache it is about 13
+  against a typical spread near 1).
 * **Robustness.** Draws come from a fresh generator per query (the
   kernel-sum structure's), so an answer says nothing about the next
   query's error.
@@ -72,7 +80,8 @@ class KVAttention:
       share of the set (a drawn key, gathered, costs about ten keys of
       an exact pass over contiguous memory on a CPU).
     buckets: the number of centres (default about ``sqrt(n)``).
-    seed: the entropy of the per-query generators (None: the OS's).
+    seed: the entropy of the per-query generators, an int or a sequence
+      of ints (None: the OS's).
   """
 
   def __init__(self, dim: int, value_dim: int | None = None, *,
@@ -81,7 +90,7 @@ class KVAttention:
                heavy: float = 0.02, defensive: float = 0.1,
                batch: int = 128, fallback: float = 0.1,
                buckets: int | None = None, rebuild_fraction: float = 0.25,
-               robust: bool = True, seed: int | None = None):
+               robust: bool = True, seed=None):
     if not isinstance(dim, int) or dim < 1:
       raise ValueError(f"dim (={dim!r}) must be an int >= 1")
     value_dim = dim if value_dim is None else value_dim
@@ -97,7 +106,7 @@ class KVAttention:
     # bandwidth of the Gaussian-kernel view; the buckets use only l2
     self._ks = KernelSum("gaussian", 1.0 / math.sqrt(scale), eps, delta,
                          buckets=buckets, rebuild_fraction=rebuild_fraction,
-                         robust=robust,
+                         robust=robust, min_build=exact_below + 1,
                          seed=seed)
     self.dim, self.value_dim, self.scale = dim, value_dim, float(scale)
     self.eps, self.delta = float(eps), float(delta)
@@ -108,11 +117,11 @@ class KVAttention:
     self.fallback = fallback
     self._z = NormalDist().inv_cdf(1 - delta / 2)
     self._V = np.zeros((0, value_dim), np.float32)
-    self._vmax = 0.0  # largest value norm inserted (never shrinks)
     self._seen = None  # the centres self._r2 belongs to
     self._r2 = np.zeros(0)
     self.last_evaluations = 0
     self.last_centres = 0
+    self.last_sampled = False  # the last answer came from draws
 
   def __len__(self) -> int:
     return len(self._ks)
@@ -141,9 +150,6 @@ class KVAttention:
       grown[:len(self._V)] = self._V
       self._V = grown
     self._V[ids] = V
-    if len(V):
-      self._vmax = max(self._vmax, float(np.sqrt((V.astype(np.float64) ** 2)
-                                                 .sum(1).max())))
 
   def insert(self, keys, values) -> np.ndarray:
     """Adds (key, value) pairs; returns their ids."""
@@ -218,6 +224,7 @@ class KVAttention:
     return float(w.sum()), w @ self._V[ids]
 
   def _attend_one(self, q, rng):
+    self.last_sampled = False
     ks = self._ks
     n_live = len(ks)
     if n_live <= self.exact_below or ks._centers is None:
@@ -235,7 +242,11 @@ class KVAttention:
     logp = np.where(live, a + spread + np.log(np.maximum(cnt, 1)), -np.inf)
     shift = float(logp.max())
     p = np.exp(logp - shift)
-    shift = float(a[live].max())  # scores are taken relative to this
+    # scores are taken relative to the largest bound on any key's score
+    # (so no weight exceeds 1), at most 600 above the centres' best
+    bound = a[live] + float(np.sqrt(q64 @ q64)) * ks._radius[live] * \
+        self.scale
+    shift = min(float(bound.max()), float(a[live].max()) + 600.0)
     total = p.sum()
     # heavy buckets summed exactly
     exact = p >= self.heavy * total
@@ -244,6 +255,9 @@ class KVAttention:
       self.last_evaluations = n_live
       return self.attend_exact(q)[0].astype(np.float64)
     D, N = self._sums(ks._members_of(np.flatnonzero(exact)), q, shift)
+    if exact.any() and not (math.isfinite(D) and D > 0):  # underflow
+      self.last_evaluations = n_live
+      return self.attend_exact(q)[0].astype(np.float64)
     evals = int(cnt[exact].sum())
     rest = np.flatnonzero(live & ~exact)
     if len(rest) == 0:
@@ -251,8 +265,8 @@ class KVAttention:
       return N / D
     # proposal over the rest: the expected mass, mixed with the counts
     n_r = cnt[rest].astype(np.float64)
-    prop = (1 - self.defensive) * p[rest] / p[rest].sum() + \
-        self.defensive * n_r / n_r.sum()
+    share = p[rest] / p[rest].sum() if p[rest].sum() > 0 else 0.0
+    prop = (1 - self.defensive) * share + self.defensive * n_r / n_r.sum()
     cum = np.cumsum(prop)
     weight = n_r / prop  # inverse probability of each member
     rho, wts, samples = [], [], 0
@@ -265,32 +279,37 @@ class KVAttention:
       w = np.exp((ks._X[ids] @ q).astype(np.float64) * self.scale - shift) \
           * weight[c]
       wts.append(w)
-      rho.append(w.astype(np.float32)[:, None] * self._V[ids])
+      rho.append(w[:, None] * self._V[ids])
       samples += need
       evals += need
       W = np.concatenate(wts)
       R = np.concatenate(rho) if len(rho) > 1 else rho[0]
       rho, wts = [R], [W]
       Dh = D + W.mean()
-      Nh = N + R.mean(0, dtype=np.float64)
+      Nh = N + R.mean(0)
       o = Nh / Dh
       on = float(np.linalg.norm(o))
       # residuals of N/D (delta method): w (v - o)
-      res = R - W.astype(np.float32)[:, None] * o.astype(np.float32)
-      var = float((res.astype(np.float64) ** 2).sum(1).mean()) - float(
-          (res.mean(0, dtype=np.float64) ** 2).sum())
+      res = R - W[:, None] * o
+      var = float((res * res).sum(1).mean()) - float(
+          (res.mean(0) ** 2).sum())
       var = max(var, 0.0) * samples / max(samples - 1, 1)
       err = self._z * math.sqrt(var / samples)
       room = self.eps * on * Dh
       if err <= room:
         break
       want = self._z ** 2 * var / room ** 2 if room > 0 else np.inf
-      if evals + want - samples > self.fallback * n_live:
+      if not math.isfinite(want) or \
+          evals + want - samples > self.fallback * n_live:
         # sampling would cost more than this share: one exact pass
         self.last_evaluations = evals + n_live
         return self.attend_exact(q)[0].astype(np.float64)
       need = int(min(max(want - samples, samples), n_live))
+    if not np.all(np.isfinite(o)):
+      self.last_evaluations = evals + n_live
+      return self.attend_exact(q)[0].astype(np.float64)
     self.last_evaluations = evals
+    self.last_sampled = True
     return o
 
   def attend(self, Q) -> np.ndarray:

@@ -75,6 +75,8 @@ class KernelSum:
       the module doc; ``max_evaluations``: the per-query cap on kernel
       evaluations (default a quarter of the set).
     fit_sample: points the centres are fitted on at a build.
+    min_build: no buckets are built while fewer points than this are live
+      (a query builds them).
   """
 
   def __init__(self, kernel: str = "gaussian", bandwidth: float = 1.0,
@@ -83,7 +85,7 @@ class KernelSum:
                fit_sample: int = 32768, rebuild_fraction: float = 0.25,
                pilot: int = 8, max_evaluations: int | None = None,
                range_floor: float = 0.01, robust: bool = True,
-               seed: int | None = None):
+               seed: int | None = None, min_build: int = 1):
     if kernel not in KERNELS:
       raise ValueError(f"kernel (={kernel!r}) must be one of {KERNELS}")
     if not bandwidth > 0:
@@ -100,6 +102,7 @@ class KernelSum:
     self.buckets = buckets
     self.fit_sample, self.rebuild_fraction = fit_sample, rebuild_fraction
     self.robust = robust
+    self.min_build = max(int(min_build), 1)
     self.pilot, self.range_floor = pilot, range_floor
     self._max_evals = max_evaluations
     self._z = NormalDist().inv_cdf(1 - delta / 2)
@@ -177,7 +180,9 @@ class KernelSum:
     self._sq[ids] = (P.astype(np.float64) ** 2).sum(1)
     self._alive[ids] = True
     self._num_live += m
-    if self._centers is None or self._changes + m > max(
+    if self._centers is None and self._num_live < self.min_build:
+      pass  # small: buckets wait (a query builds them)
+    elif self._centers is None or self._changes + m > max(
         64, self.rebuild_fraction * self._num_live):
       self.rebuild()
     else:
@@ -190,7 +195,8 @@ class KernelSum:
     ids = self._check_ids(ids)
     for i in ids.tolist():
       self._alive[i] = False
-      self._remove_from_bucket(i)
+      if self._centers is not None:
+        self._remove_from_bucket(i)
       self._free.append(i)
     self._num_live -= len(ids)
     self._changes += len(ids)
@@ -201,11 +207,13 @@ class KernelSum:
     P = self._check_points(points)
     if P.shape[0] != len(ids):
       raise ValueError(f"{len(ids)} ids but {P.shape[0]} points")
-    for i in ids.tolist():
-      self._remove_from_bucket(i)
+    if self._centers is not None:
+      for i in ids.tolist():
+        self._remove_from_bucket(i)
     self._X[ids] = P
     self._sq[ids] = (P.astype(np.float64) ** 2).sum(1)
-    self._add_to_buckets(ids)
+    if self._centers is not None:
+      self._add_to_buckets(ids)
     self._changes += len(ids)
 
   # -- buckets ---------------------------------------------------------------
