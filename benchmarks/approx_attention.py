@@ -14,6 +14,12 @@ l2 error), the error's median and 90th percentile, the key evaluations
 over the cache) against the structure's, timed interleaved (exact,
 sketched, exact, ...; medians).
 
+Adaptive adversary (``sketch.attention.adaptive_attack``, 20,000 keys of a
+32-component mixture, d = 32, 400 queries, each half of them a small
+step from the worst query found so far): the share within eps of the
+structure with fresh draws per query and of the same with one fixed
+generator state (``robust=False``).
+
 Part 2, teacher forcing on a tiny GPT (vocab 256, hidden 128, 2 heads of
 64, 2 layers, seq_len 8192): a prompt of 8,000 random tokens, the exact
 engine's greedy continuation of 40 tokens, then ``Engine.score`` along it
@@ -37,6 +43,7 @@ import time
 import numpy as np
 
 from alpa_py.sketch import KVAttention
+from alpa_py.sketch.attention import adaptive_attack
 
 
 def cache(n, d, regime, seed=0):
@@ -92,6 +99,28 @@ def synthetic(n, d, queries, eps, seed=0):
           f"{r['evals_median']:7.0f} ({r['evals_median'] / n:5.1%}) + "
           f"{r['centres']} centres  exact {r['exact_ms']:.2f} ms, sketch "
           f"{r['sketch_ms']:.2f} ms: {r['exact_ms'] / r['sketch_ms']:.2f}x",
+          flush=True)
+  return rows
+
+
+def adversary(eps, queries=400, seed=0):
+  rng = np.random.default_rng(seed)
+  n, d = 20000, 32
+  ck, cv = rng.normal(size=(32, d)), rng.normal(size=(32, d))
+  lab = rng.integers(32, size=n)
+  K = (ck[lab] + 0.5 * rng.normal(size=(n, d))).astype(np.float32)
+  V = (cv[lab] + rng.normal(size=(n, d))).astype(np.float32)
+  rows = []
+  for robust in (False, True):
+    st = KVAttention(d, eps=eps, seed=seed, robust=robust)
+    st.insert(K, V)
+    e = adaptive_attack(st, queries=queries, gain=1.0, step=0.05, seed=seed)
+    rows.append(dict(robust=robust, within_eps=float(np.mean(e <= eps)),
+                     err_p90=float(np.quantile(e, 0.9)),
+                     err_max=float(e.max())))
+    print(f"  {'fresh draws' if robust else 'fixed seed '}: within {eps} "
+          f"{rows[-1]['within_eps']:.1%}, error p90 "
+          f"{rows[-1]['err_p90']:.3f}, max {rows[-1]['err_max']:.3f}",
           flush=True)
   return rows
 
@@ -174,12 +203,14 @@ def main(argv=None):
   print(f"synthetic KV cache: {args.n} tokens, head dim {args.d}, "
         f"{args.queries} queries one at a time", flush=True)
   syn = synthetic(args.n, args.d, args.queries, args.eps)
+  print("adaptive adversary, 400 queries:", flush=True)
+  adv = adversary(args.eps)
   print(f"tiny GPT, teacher-forced: prompt {args.prompt}, {args.steps} "
         f"steps", flush=True)
   tf = teacher_forced(args.prompt, args.steps, (0.1, 0.05))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(synthetic=syn, teacher_forced=tf,
+      json.dump(dict(synthetic=syn, adversary=adv, teacher_forced=tf,
                      command=" ".join(sys.argv)), f, indent=1)
 
 

@@ -116,6 +116,15 @@ def test_large_scores_do_not_overflow():
     assert rel(out, s.attend_exact(q)[0]) < 0.1
 
 
+def test_adaptive_adversary_keeps_fresh_draws_within_eps():
+  from alpa_py.sketch.attention import adaptive_attack
+  K, V, _ = clustered_cache(8000, 16, seed=5)
+  s = KVAttention(16, eps=0.1, exact_below=256, seed=0)
+  s.insert(K, V)
+  e = adaptive_attack(s, queries=120, gain=1.0, step=0.05, seed=1)
+  assert len(e) == 120 and np.mean(e <= 0.1) >= 0.9
+
+
 def test_bad_input():
   s = KVAttention(8)
   with pytest.raises(ValueError, match="empty set"):

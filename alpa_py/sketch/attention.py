@@ -319,3 +319,31 @@ class KVAttention:
     Q = self._queries(Q)
     return np.stack([self._attend_one(q, self._ks._rng())
                      for q in Q]).astype(np.float32)
+
+
+def adaptive_attack(structure: KVAttention, *, queries: int = 300,
+                    gain: float = 1.0, step: float = 0.5, seed: int = 0):
+  """An adaptive adversary against a :class:`KVAttention`: it knows the
+  keys and values (so it computes exact outputs) but not the structure's
+  draws, and chooses each query from the answers so far: half its queries
+  perturb the worst query found so far (by ``step`` times a standard
+  normal vector), the others are ``gain`` times a random stored key plus
+  noise. Returns the relative errors of its ``queries`` answers."""
+  ks = structure._ks
+  live = np.flatnonzero(ks._alive[:ks._n])
+  rng = np.random.default_rng(seed)
+  d = structure.dim
+  errors, best = [], (-1.0, None)
+  for i in range(queries):
+    if best[1] is not None and i % 2:
+      q = best[1] + step * rng.normal(size=d).astype(np.float32)
+    else:
+      q = gain * ks._X[live[rng.integers(len(live))]] + rng.normal(
+          size=d).astype(np.float32)
+    exact = structure.attend_exact(q)[0]
+    err = float(np.linalg.norm(structure.attend(q)[0] - exact) /
+                np.linalg.norm(exact))
+    errors.append(err)
+    if err > best[0]:
+      best = (err, q)
+  return np.asarray(errors)
