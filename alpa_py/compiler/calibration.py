@@ -40,11 +40,6 @@ from alpa_py.compiler.cost_model import (SCHEMA_VERSION, DeviceKey,
                                          LinearCostModel)
 
 DEFAULT_BUDGET = 64
-# timing rounds per profiled program (the least of them is kept): with 3,
-# three calibrations of one machine priced the same compiled step at 68 to
-# 90 ms; with 9, six priced it at 65 to 77 ms, for 3-5 s more per
-# calibration (docs/research/calibration_noise_and_zero3.md)
-DEFAULT_ROUNDS = 9
 DEFAULT_POOL_SIZE = 240
 SELECTIONS = active_regression.RULES + ("all",)
 
@@ -136,7 +131,7 @@ def fill_unmeasured(coef: np.ndarray, measured: np.ndarray,
 
 
 def fit_collective_terms(compiled, labels: dict, fixed: float,
-                         rounds: int = DEFAULT_ROUNDS) -> tuple:
+                         rounds: int = 3) -> tuple:
   """(``<kind>:<link>``, alpha, beta) per collective kind and link, fitted
   on the pool's ``collective`` programs (one resharding or psum each; the
   ones not yet profiled are profiled now): seconds beyond ``fixed`` =
@@ -178,8 +173,7 @@ def calibrate_model(devices: Sequence | None = None,
                     budget: int = DEFAULT_BUDGET, *,
                     pool_size: int = DEFAULT_POOL_SIZE,
                     selection: str = "leverage", loss: str = "l2", seed: int = 0,
-                    rounds: int = DEFAULT_ROUNDS,
-                    progress: bool = True) -> LinearCostModel:
+                    rounds: int = 3, progress: bool = True) -> LinearCostModel:
   """Profiles ``budget`` actively chosen programs and fits the cost model.
 
   Args:

@@ -254,7 +254,6 @@ def _calibrated_profile(name: str, cache_dir: str) -> CostProfile:
 def calibrate(devices=None, budget: int = calibration.DEFAULT_BUDGET, *,
               pool_size: int = calibration.DEFAULT_POOL_SIZE,
               selection: str = "leverage", loss: str = "l2", seed: int = 0,
-              rounds: int = calibration.DEFAULT_ROUNDS,
               cache: bool = True) -> CostProfile:
   """Calibrates the cost model on ``devices`` by active regression.
 
@@ -272,7 +271,6 @@ def calibrate(devices=None, budget: int = calibration.DEFAULT_BUDGET, *,
       (``benchmarks/calibration.py`` compares them).
     loss: ``l2`` (weighted least squares) or ``l1`` (robust to outliers).
     seed: the pool draw and the selection.
-    rounds: timing rounds per profiled program (the least is kept).
     cache: also store it as ``<platform>:calibrated`` for these devices.
 
   Returns:
@@ -289,7 +287,7 @@ def calibrate(devices=None, budget: int = calibration.DEFAULT_BUDGET, *,
   """
   model = calibration.calibrate_model(devices, budget, pool_size=pool_size,
                                       selection=selection, loss=loss,
-                                      seed=seed, rounds=rounds)
+                                      seed=seed)
   if cache:
     calibration.save(model)
     _calibrated_profile.cache_clear()
