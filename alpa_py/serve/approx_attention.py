@@ -93,9 +93,6 @@ class SketchedKV:
     self.keys = 0  # the keys exact attention would have read for them
     self.sampled = 0  # queries answered from draws (not exactly)
 
-  def __contains__(self, rid: int) -> bool:
-    return rid in self._sets
-
   def build(self, rid: int, k, v) -> None:
     """Structures for ``rid`` from its context's keys and values
     ``[layers, tokens, heads, head_dim]``."""

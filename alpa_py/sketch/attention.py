@@ -223,13 +223,18 @@ class KVAttention:
     w = np.exp((self._ks._X[ids] @ q).astype(np.float64) * self.scale - shift)
     return float(w.sum()), w @ self._V[ids]
 
+  def _exact_one(self, q, evals):
+    """The exact answer, counting ``evals`` key evaluations."""
+    self.last_evaluations = evals
+    return self.attend_exact(q)[0].astype(np.float64)
+
   def _attend_one(self, q, rng):
     self.last_sampled = False
     ks = self._ks
     n_live = len(ks)
     if n_live <= self.exact_below or ks._centers is None:
-      self.last_evaluations, self.last_centres = n_live, 0
-      return self.attend_exact(q)[0].astype(np.float64)
+      self.last_centres = 0
+      return self._exact_one(q, n_live)
     cnt = ks._count
     live = cnt > 0
     self.last_centres = len(cnt)
@@ -240,8 +245,7 @@ class KVAttention:
     ms = self._r2 / np.maximum(cnt, 1)
     spread = 0.5 * (self.scale ** 2) * float(q64 @ q64) * ms / self.dim
     logp = np.where(live, a + spread + np.log(np.maximum(cnt, 1)), -np.inf)
-    shift = float(logp.max())
-    p = np.exp(logp - shift)
+    p = np.exp(logp - logp.max())
     # scores are taken relative to the largest bound on any key's score
     # (so no weight exceeds 1), at most 600 above the centres' best
     bound = a[live] + float(np.sqrt(q64 @ q64)) * ks._radius[live] * \
@@ -252,12 +256,10 @@ class KVAttention:
     exact = p >= self.heavy * total
     if cnt[exact].sum() > self.fallback * n_live:
       # diffuse: the heavy buckets alone cost more than the fallback
-      self.last_evaluations = n_live
-      return self.attend_exact(q)[0].astype(np.float64)
+      return self._exact_one(q, n_live)
     D, N = self._sums(ks._members_of(np.flatnonzero(exact)), q, shift)
     if exact.any() and not (math.isfinite(D) and D > 0):  # underflow
-      self.last_evaluations = n_live
-      return self.attend_exact(q)[0].astype(np.float64)
+      return self._exact_one(q, n_live)
     evals = int(cnt[exact].sum())
     rest = np.flatnonzero(live & ~exact)
     if len(rest) == 0:
@@ -302,12 +304,10 @@ class KVAttention:
       if not math.isfinite(want) or \
           evals + want - samples > self.fallback * n_live:
         # sampling would cost more than this share: one exact pass
-        self.last_evaluations = evals + n_live
-        return self.attend_exact(q)[0].astype(np.float64)
+        return self._exact_one(q, evals + n_live)
       need = int(min(max(want - samples, samples), n_live))
     if not np.all(np.isfinite(o)):
-      self.last_evaluations = evals + n_live
-      return self.attend_exact(q)[0].astype(np.float64)
+      return self._exact_one(q, evals + n_live)
     self.last_evaluations = evals
     self.last_sampled = True
     return o
