@@ -156,3 +156,57 @@ def test_a_compiled_program_is_priced_by_rates_or_by_the_model():
   by_model = price_program(hlo, cluster_env.CostProfile.from_model(model))
   assert by_model.seconds == pytest.approx(
       float(model.predict(program_features(hlo), 4)))
+
+
+_SLICING_FUSION = """\
+HloModule m, is_scheduled=true
+
+%fused_slice (p0: s32[8], p1: u32[], p2: f32[16,32,192]) -> f32[16,32,16] {
+  %p2 = f32[16,32,192]{1,0,2} parameter(2)
+  %copy = f32[16,32,192]{2,1,0} copy(%p2)
+  %bc = f32[16,32,12,16]{3,2,1,0} bitcast(%copy)
+  %zero = s32[] constant(0)
+  %p0 = s32[8]{0} parameter(0)
+  %p1 = u32[] parameter(1)
+  %at = s32[1]{0} dynamic-slice(%p0, %p1), dynamic_slice_sizes={1}
+  %i = s32[] bitcast(%at)
+  %ds = f32[16,32,1,16]{3,2,1,0} dynamic-slice(%bc, %zero, %zero, %i, %zero), dynamic_slice_sizes={16,32,1,16}
+  ROOT %out = f32[16,32,16]{2,1,0} bitcast(%ds)
+}
+
+%fused_add (q0: f32[16,32,192]) -> f32[16,32,192] {
+  %q0 = f32[16,32,192]{2,1,0} parameter(0)
+  ROOT %twice = f32[16,32,192]{2,1,0} add(%q0, %q0)
+}
+
+ENTRY %main (a: f32[16,32,192], t: s32[8]) -> (f32[16,32,16], f32[16,32,192], f32[4,32,192]) {
+  %a = f32[16,32,192]{1,0,2} parameter(0)
+  %t = s32[8]{0} parameter(1)
+  %pid = u32[] partition-id()
+  %head = f32[16,32,16]{2,1,0} fusion(%t, %pid, %a), kind=kLoop, calls=%fused_slice
+  %whole = f32[16,32,192]{2,1,0} fusion(%a), kind=kLoop, calls=%fused_add
+  %rows = f32[4,32,192]{2,1,0} slice(%a), slice={[0:4], [0:32], [0:192]}
+  ROOT %r = (f32[16,32,16]{2,1,0}, f32[16,32,192]{2,1,0}, f32[4,32,192]{2,1,0}) tuple(%head, %whole, %rows)
+}
+"""
+
+
+def test_an_operand_read_only_as_slices_counts_the_slices_bytes():
+  # a fusion that dynamic-slices one head out of a [16, 32, 192] array
+  # (through a layout copy and a bitcast) reads that head, not the array,
+  # and one entry of the offset table; a fusion that reads the array whole
+  # counts it whole, and a plain slice its rows
+  ks = kernel_stats(_SLICING_FUSION)
+  head = 16 * 32 * 16 * 4
+  whole = 16 * 32 * 192 * 4
+  rows = 4 * 32 * 192 * 4
+  assert ks.launches == 3
+  assert ks.nonmatmul_bytes == (4 + 4 + head + head) + 2 * whole \
+      + 2 * rows
+
+
+def test_a_compiled_slice_of_a_large_array_is_priced_by_its_slice():
+  x = jnp.ones((4096, 256))
+  hlo = jax.jit(lambda x: x[:16] * 2.0).lower(x).compile().as_text()
+  # well under one read of the whole 4 MiB array
+  assert kernel_stats(hlo).nonmatmul_bytes < 0.1 * x.size * 4

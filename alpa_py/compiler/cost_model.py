@@ -7,9 +7,11 @@ was measured on, and how it was fitted. ``cluster_env.CostProfile`` carries
 one (``CostProfile.from_model``), and ``LogicalMesh`` then prices compute and
 collectives from its coefficients, so that the ILP uses it unchanged.
 
-Schema (JSON, ``to_json`` / ``from_json``)::
+Schema 3 (JSON, ``to_json`` / ``from_json``; schema 2 models were fitted to
+``nonmatmul_bytes`` that counted a sliced operand whole, and are measured
+again)::
 
-  {"schema": 2,
+  {"schema": 3,
    "key": {"platform": "cpu", "device_kind": "cpu", "num_devices": 8,
            "jax": "0.10.2", "jaxlib": "0.10.2"},
    "features": [...FEATURES...], "coefficients": [...seconds per unit...],
@@ -32,7 +34,7 @@ import numpy as np
 
 from alpa_py.compiler.cost_features import FEATURES, INDEX, ring_bytes
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # the features that are the device's own work (scaled by ``contention``)
 COMPUTE_FEATURES = ("matmul_flops", "conv_flops", "nonmatmul_bytes",
                     "kernel_launches")

@@ -3,7 +3,10 @@ other kernels move, and how many kernels one step launches.
 
 These describe a program as XLA compiled it (after SPMD partitioning and
 fusion), per device: a fusion is one kernel whose bytes are its operands and
-its result, whatever it computes inside. A kernel whose body holds a ``dot``
+its result, whatever it computes inside; an operand that the fusion only
+slices (``slice`` / ``dynamic-slice``, through bitcasts) counts the bytes of
+its slices, not the whole array (a Megatron-style plan's head split reads
+one device's heads out of the fused QKV projection this way). A kernel whose body holds a ``dot``
 or ``convolution`` is a matmul kernel: its FLOPs count, its bytes do not.
 Collectives are left to ``hlo_stats`` (they have features of their own) and
 so are instructions that launch nothing (parameters, tuples, bitcasts).
@@ -113,6 +116,58 @@ def _parse(hlo_text: str):
   return comps, entry
 
 
+# ops that a fused kernel computes per output element from the same element
+# of their operand: sliced later, they read only the slice
+_PER_ELEMENT = {"bitcast", "copy", "reshape", "transpose", "convert"}
+
+
+def _sliced_bytes(value: str, users) -> int | None:
+  """Bytes read of ``value`` inside a fused computation when every use of
+  it is a slice of it (through bitcasts, copies, reshapes, transposes and
+  converts, which a fused kernel computes only where it is read); None
+  where any use reads it whole."""
+  if not users.get(value):
+    return None
+  total = 0
+  for u in users[value]:
+    if u.opcode in ("slice", "dynamic-slice") and \
+        _operands(u.rest)[:1] == [value]:
+      total += _nbytes(u.shape)
+      continue
+    inner = _sliced_bytes(u.name, users) if u.opcode in _PER_ELEMENT else None
+    if inner is None:
+      return None
+    total += inner
+  return total
+
+
+def _operand_bytes(ins: _Instr, shapes: dict[str, str], comps) -> int:
+  """Bytes a kernel reads: every operand whole, except a slice's operand
+  and a fusion's operands that its body only slices (the bytes of the
+  slices)."""
+  ops = _operands(ins.rest)
+  full = [_nbytes(shapes.get(o, "")) for o in ops]
+  if ins.opcode in ("slice", "dynamic-slice") and full:
+    return min(full[0], _nbytes(ins.shape)) + sum(full[1:])
+  callee = _CALLS.search(ins.rest) if ins.opcode == "fusion" else None
+  if callee is None or callee.group(1) not in comps:
+    return sum(full)
+  body = comps[callee.group(1)]
+  params, users = {}, {}
+  for i in body:
+    if i.opcode == "parameter":
+      m = re.match(r"\s*(\d+)", i.rest)
+      if m:
+        params[int(m.group(1))] = i.name
+    for o in _operands(i.rest):
+      users.setdefault(o, []).append(i)
+  total = 0
+  for k, nbytes in enumerate(full):
+    read = _sliced_bytes(params[k], users) if k in params else None
+    total += nbytes if read is None else min(nbytes, read)
+  return total
+
+
 def _int_list(rest: str, attr: str) -> list[int]:
   m = re.search(attr + r"=\{([0-9,]*)\}", rest)
   return [int(v) for v in m.group(1).split(",") if v] if m else []
@@ -210,6 +265,5 @@ def kernel_stats(hlo_text: str) -> KernelStats:
         flops += f
         conv += c
         continue
-      nbytes += _nbytes(ins.shape) + sum(_nbytes(shapes.get(o, ""))
-                                         for o in _operands(ins.rest))
+      nbytes += _nbytes(ins.shape) + _operand_bytes(ins, shapes, comps)
   return KernelStats(flops, nbytes, launches, conv)
