@@ -3,11 +3,13 @@ other kernels move, and how many kernels one step launches.
 
 These describe a program as XLA compiled it (after SPMD partitioning and
 fusion), per device: a fusion is one kernel whose bytes are its operands and
-its result, whatever it computes inside; an operand that the fusion only
-slices (``slice`` / ``dynamic-slice``, through bitcasts) counts the bytes of
-its slices, not the whole array (a Megatron-style plan's head split reads
-one device's heads out of the fused QKV projection this way). A kernel whose body holds a ``dot``
-or ``convolution`` is a matmul kernel: its FLOPs count, its bytes do not.
+its result, whatever it computes inside. An operand that a kernel only
+slices (``slice`` / ``dynamic-slice``, in a fusion's body also through
+bitcasts, copies, reshapes, transposes and converts) counts the bytes of
+its slices, not the whole array: a Megatron-style plan's head split reads
+one device's heads out of the fused QKV projection this way. A kernel
+whose body holds a ``dot`` or ``convolution`` is a matmul kernel: its
+FLOPs count, its bytes do not.
 Collectives are left to ``hlo_stats`` (they have features of their own) and
 so are instructions that launch nothing (parameters, tuples, bitcasts).
 
