@@ -98,6 +98,31 @@ def test_leverage_inclusion_probabilities_sum_to_the_budget():
   assert p[0] == 1 and (p <= 1).all()
 
 
+def test_fit_coefficients_recovers_rates_relative_to_the_prior():
+  rng = np.random.default_rng(3)
+  true = np.zeros(len(FEATURES))
+  true[INDEX["fixed"]] = 1e-4
+  true[INDEX["matmul_flops"]] = 8e-11
+  true[INDEX["nonmatmul_bytes"]] = 7e-10
+  true[INDEX["all-gather:inner:count"]] = 6e-5
+  x = np.zeros((40, len(FEATURES)))
+  x[:, INDEX["fixed"]] = 1
+  x[:, INDEX["matmul_flops"]] = rng.uniform(1e6, 1e10, 40)  # 4 orders apart
+  x[:, INDEX["nonmatmul_bytes"]] = rng.uniform(1e4, 1e8, 40)
+  x[::2, INDEX["all-gather:inner:count"]] = rng.integers(1, 20, 20)
+  y = x @ true
+  coef, filled = calibration.fit_coefficients(x, y, np.ones(40), "cpu")
+  for f in ("fixed", "matmul_flops", "nonmatmul_bytes",
+            "all-gather:inner:count"):
+    np.testing.assert_allclose(coef[INDEX[f]], true[INDEX[f]], rtol=1e-6)
+  # features no row exercised are filled, never left free
+  assert "all-gather:outer:count" in filled and "fixed" not in filled
+  assert coef[INDEX["all-gather:outer:count"]] >= 6e-5 * (1 - 1e-6)
+  # the fit is relative: the shortest program is priced as well as the longest
+  pred = x @ coef
+  assert np.max(np.abs(pred - y) / y) < 1e-6
+
+
 # -- features of compiled programs -------------------------------------------
 
 @pytest.mark.parametrize("text,groups,link", [

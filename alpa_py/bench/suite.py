@@ -13,6 +13,7 @@ import alpa_py
 from alpa_py.bench import configs, plans
 from alpa_py.bench.progress import Bar
 from alpa_py.compiler.cluster_env import get_profile
+from alpa_py.compiler.cost_features import FEATURES, program_features
 from alpa_py.compiler.program_cost import price_program
 
 
@@ -71,6 +72,10 @@ def run_suite(suite: str, name: str, *, devices: int | None = None,
                      memory_per_device=r.memory_per_device,
                      collective_bytes=r.collective_bytes,
                      compile_seconds=r.compile_seconds, ilp=r.ilp,
+                     # what a calibrated model prices (any later one can
+                     # price the measured program from these)
+                     program_features=dict(zip(
+                         FEATURES, map(float, program_features(r.hlo_text)))),
                      predicted=pred[m],
                      predicted_compiled={
                          prof: dict(step_seconds=price_program(

@@ -39,12 +39,13 @@ from alpa_py.compiler.cost_features import FEATURES
 from alpa_py.compiler.cost_model import (SCHEMA_VERSION, DeviceKey,
                                          LinearCostModel)
 
-# 96 of the pool's 240 (about 4 per coefficient): against 64, three
-# calibrations each priced the CPU suite's 27 data / ZeRO / hand-written
-# programs with a median |pred/meas - 1| of 0.20-0.22 (0.22-0.24 with 64)
-# and ordered 25/29 pairs (24-25/29), for a few seconds more of profiling
-# (benchmarks/README.md, "CPU suite")
-DEFAULT_BUDGET = 96
+# 128 of the pool's 240 (about 5.5 per coefficient): over 52 leverage
+# draws (four pools, labels from one pass), the fits priced the CPU suite's
+# 27 data / ZeRO / hand-written programs with a median |pred/meas - 1| of
+# at most 0.18 at 128 profiles, against up to 0.30 at 96 (the default
+# pool's own draw among the worst) and 0.29 at 64, for ~10 s more of
+# profiling (docs/research/calibration_noise_and_zero3.md, section 5)
+DEFAULT_BUDGET = 128
 DEFAULT_POOL_SIZE = 240
 SELECTIONS = active_regression.RULES + ("all",)
 
@@ -135,6 +136,24 @@ def fill_unmeasured(coef: np.ndarray, measured: np.ndarray,
   return coef, tuple(filled)
 
 
+def fit_coefficients(x: np.ndarray, y: np.ndarray, weights: np.ndarray,
+                     platform: str, loss: str = "l2"
+                     ) -> tuple[np.ndarray, tuple[str, ...]]:
+  """The model's coefficients fitted to profiled programs: features ``x``
+  (one row per program), seconds ``y``, importance ``weights``; each row
+  divided by its prior time (relative error), non-negative, the features
+  no row exercised filled (``fill_unmeasured``).
+
+  Returns:
+    (coefficients, names of the filled features).
+  """
+  prior = prior_seconds(x, platform)
+  coef = active_regression.fit(x / prior[:, None], y / prior, weights,
+                               loss=loss)
+  return fill_unmeasured(coef.clip(min=0.0), np.abs(x).sum(axis=0) > 0,
+                         platform)
+
+
 def fit_collective_terms(compiled, labels: dict, fixed: float,
                          rounds: int = 3) -> tuple:
   """(``<kind>:<link>``, alpha, beta) per collective kind and link, fitted
@@ -222,12 +241,8 @@ def calibrate_model(devices: Sequence | None = None,
       chosen, rounds=rounds,
       on_round=(lambda r, n: _progress.log(f"calibration: timing round "
                                            f"{r}/{n}")) if progress else None)
-  rows = a[sel.indices]
-  target = y / prior[sel.indices]
-  coef = active_regression.fit(rows, target, sel.weights, loss=loss)
-  coef, filled = fill_unmeasured(coef.clip(min=0.0),
-                                 np.abs(x[sel.indices]).sum(axis=0) > 0,
-                                 key.platform)
+  coef, filled = fit_coefficients(x[sel.indices], y, sel.weights,
+                                  key.platform, loss)
   contention = calibration_pool.measure_contention(devices)
   terms = fit_collective_terms(
       compiled, dict(zip(sel.indices.tolist(), y.tolist())),
