@@ -43,8 +43,9 @@ from alpa_py.compiler.cost_model import (SCHEMA_VERSION, DeviceKey,
 # draws (four pools, labels from one pass), the fits priced the CPU suite's
 # 27 data / ZeRO / hand-written programs with a median |pred/meas - 1| of
 # at most 0.18 at 128 profiles, against up to 0.30 at 96 (the default
-# pool's own draw among the worst) and 0.29 at 64, for ~10 s more of
-# profiling (docs/research/calibration_noise_and_zero3.md, section 5)
+# pool's own draw among the worst) and 0.29 at 64; a calibration took
+# 71-80 s here against 46-67 s at 96
+# (docs/research/calibration_noise_and_zero3.md, section 5)
 DEFAULT_BUDGET = 128
 DEFAULT_POOL_SIZE = 240
 SELECTIONS = active_regression.RULES + ("all",)
