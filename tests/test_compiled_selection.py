@@ -284,3 +284,71 @@ def test_a_near_tie_is_timed_again_longer(monkeypatch):
   got = candidate_timing.race({"a": 0, "b": 0, "c": 0}, [], [])
   assert calls == [(["a", "b", "c"], 5), (["a", "b"], 10)]
   assert got == {"a": 1.2, "b": 1.1, "c": 2.0}
+
+
+def _compiled_candidates(monkeypatch, **option):
+  """(name -> (config, CompiledStep)) of every candidate compiled."""
+  compiled = {}
+  real = compiled_selection._compile
+
+  def keep(compile_config, name, cfg, profile):
+    got = real(compile_config, name, cfg, profile)
+    if isinstance(got, tuple):
+      compiled[got[1]] = (cfg, got[2])
+    return got
+
+  monkeypatch.setattr(compiled_selection, "_compile", keep)
+  _compile(cost_profile=_profile(), measure_candidates=0, **option)
+  return compiled
+
+
+def _split(sharding) -> bool:
+  return any(e for e in sharding.spec)
+
+
+def test_each_layout_candidate_is_its_own_plan(monkeypatch):
+  # ZeRO-2 and ZeRO-3 share their pass options: each is still solved under
+  # its own input layouts (a memo keyed by the options alone handed ZeRO-3
+  # ZeRO-2's plan, and the tensor-parallel candidates the batch-split ILP's)
+  compiled = _compiled_candidates(monkeypatch)
+  z2 = compiled["zero2"][1].task.in_shardings
+  z3 = compiled["zero3"][1].task.in_shardings
+  assert not _split(z2[0]) and not _split(z2[1])  # parameters replicated
+  assert _split(z3[0]) and _split(z3[1])  # parameters sharded
+  for name in ("tensor-parallel (2, 4)", "tensor-parallel (4, 2)"):
+    cfg, step = compiled[name]
+    assert step.plan.method.endswith("[tensor-parallel]"), name
+
+
+def test_the_runner_up_rules_out_the_heaviest_layouts(monkeypatch):
+  compiled = _compiled_candidates(monkeypatch)
+  first = [n for n in compiled if n.startswith("ilp batch-split (")][0]
+  ups = [n for n in compiled if n.startswith("ilp runner-up")]
+  assert ups, list(compiled)
+  base = compiled[first][1].task.in_shardings
+  mesh = compiled[first][1].plan.mesh_shape
+  for name in ups:
+    cfg, step = compiled[name]
+    assert cfg.runner_up_of is compiled[first][1].planned.solution
+    assert step.plan.mesh_shape == mesh and name.endswith(f"{tuple(mesh)}")
+    got = step.task.in_shardings
+    # w1 (64 x 256) and w2 (256 x 32, half w1's bytes) are the heaviest
+    for i in (0, 1):
+      assert got[i].spec != base[i].spec, (name, i, got[i].spec)
+    # the batch stays on mesh axis 0
+    assert got[2].spec == base[2].spec
+
+
+def test_runner_up_exclusions_take_the_heaviest_non_batch_inputs():
+  from types import SimpleNamespace
+  from alpa_py.driver.layout import runner_up_exclusions
+  shapes = {0: (64, 256), 1: (256, 32), 2: (16, 16), 3: (64, 64)}
+  graph = SimpleNamespace(
+      invars=(0, 1, 2, 3),
+      tensor=lambda t: SimpleNamespace(shape=shapes[t],
+                                       nbytes=4 * np.prod(shapes[t])))
+  sig = SimpleNamespace(batch_inputs=frozenset({3}))
+  sol = SimpleNamespace(spec_of={0: ((), (0,)), 1: ((0,), ()),
+                                 2: ((), ()), 3: ((0,), ())})
+  assert runner_up_exclusions(graph, sig, sol) == {0: ((), (0,)),
+                                                   1: ((0,), ())}

@@ -123,7 +123,8 @@ def _follow_target(op, graph: OpGraph, node_of, nodes):
 def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
                  input_specs: dict[int, Sequence[Spec]], rc,
                  constrain: StrategyConstraints,
-                 surcharges: Mapping[tuple[int, str], Surcharge]):
+                 surcharges: Mapping[tuple[int, str], Surcharge],
+                 excluded: Mapping[int, Spec]):
   nodes: list[_Node] = []
   node_of: dict[int, int] = {}
   for i, t in enumerate(graph.invars):
@@ -133,6 +134,8 @@ def _build_nodes(graph: OpGraph, mesh: LogicalMesh, option: AutoShardingOption,
       allowed = set(input_specs[i])
       strats = [s for s in strats if s.out_specs[0] in allowed] or [
           Strategy("replicated", (replicated(len(info.shape)),), (), 0.0, 0.0)]
+    if t in excluded:
+      strats = [s for s in strats if s.out_specs[0] != excluded[t]] or strats
     nodes.append(_Node([0.0] * len(strats),
                        {t: [s.out_specs[0] for s in strats]}, [],
                        [s.name for s in strats]))
@@ -355,7 +358,9 @@ def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh,
                       alias_penalty: float = 0.0,
                       batch_dims: Mapping[int, int] | None = None,
                       surcharges: Mapping[tuple[int, str], Surcharge]
-                      | None = None) -> ShardingSolution:
+                      | None = None,
+                      excluded_specs: Mapping[int, Spec] | None = None
+                      ) -> ShardingSolution:
   """Chooses a spec for every tensor of ``graph`` on ``mesh``.
 
   Args:
@@ -374,6 +379,8 @@ def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh,
     surcharges: (op index, strategy name) -> a ``Surcharge``: collectives
       XLA added for that op under that strategy in an earlier compile; their
       time is added to the strategy's cost.
+    excluded_specs: graph input tensor id -> a layout it may not take
+      (``runner_up_exclusions``: the next-best plan for the heaviest arrays).
 
   Returns:
     The solution.
@@ -385,7 +392,8 @@ def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh,
   rc = _make_rc(mesh, option)
   constrain = StrategyConstraints(graph, mesh, option, batch_dims or {})
   nodes, node_of, ties = _build_nodes(graph, mesh, option, input_specs or {},
-                                      rc, constrain, surcharges or {})
+                                      rc, constrain, surcharges or {},
+                                      excluded_specs or {})
   edges = _build_edges(graph, nodes, node_of, rc, aliases, alias_penalty, ties)
   budget = option.memory_budget_per_device
   memory = ()

@@ -51,8 +51,9 @@ class AutoShardingOption:
       all-gather and XLA runs as two); on until that is priced right.
     select_by_compiled_cost: after the ILP, also compile the ILP with the
       batch kept on mesh axis 0 (pinned op by op, and with only the inputs
-      and outputs pinned on the ILP's three cheapest meshes) and the same
-      pass with fewer choices (the data-parallel, ZeRO-2 and ZeRO-3
+      and outputs pinned, on the ILP's three cheapest meshes), its
+      runner-up for the heaviest arrays, tensor-parallel layouts and the
+      same pass with fewer choices (the data-parallel, ZeRO-2 and ZeRO-3
       layouts; ``compiled_selection``), price every compiled
       program under the cost profile (``program_cost.price_program``: the
       program as XLA fused it, with the copies around its collectives) and

@@ -6,19 +6,22 @@ The ILP prices a traced graph op by op; XLA then fuses elementwise chains,
 merges collectives and adds copies around reshardings. Where the profile is
 a calibrated model, its price of a compiled program is what was fitted to
 measured programs, so it is the better judge of two plans. The candidates
-are the ILP's plan (on the logical mesh its objective chose), the ILP with
-every batch dim kept on the first mesh axis (Alpa's
-``force_batch_dim_to_mesh_dim=0``: data parallel, with the ILP free on the
-ops that have no batch dim, such as experts), that batch-split ILP with
-only the step's inputs and outputs pinned to its layouts on each of the
-ILP's three cheapest meshes (XLA's sharding propagation lays out the rest:
-it may shard a dispatch or a gradient more cheaply than the plan's op-by-op
-layouts), the ILP with the batch on axis 0 and every parameter split on the
-other axis of its two cheapest 2-D meshes (tensor parallelism, the ILP
-choosing the split dims), and the same pass with fewer choices (the inputs in the
-data-parallel, ZeRO-2 and ZeRO-3 layouts); each is compiled as it would be
-on its own, and the fastest measured is kept (or, for abstract arguments
-or with ``measure_candidates=0``, the cheapest priced).
+are the ILP's plan (on the logical mesh its objective chose); on each of
+the ILP's three cheapest meshes, the ILP with every batch dim kept on the
+first mesh axis (Alpa's ``force_batch_dim_to_mesh_dim=0``: data parallel,
+with the ILP free on the ops that have no batch dim, such as experts),
+pinned op by op and with only the step's inputs and outputs pinned to its
+layouts (XLA's sharding propagation lays out the rest: it may shard a
+dispatch or a gradient more cheaply than the plan's op-by-op layouts); the
+runner-up of the first of those (the same ILP with the layouts it gave the
+heaviest inputs ruled out), pinned and propagated; the ILP with the batch
+on axis 0 and every parameter split on the other axis of its two cheapest
+2-D meshes (tensor parallelism, the ILP choosing the split dims); and the
+same pass with fewer choices (the inputs in the data-parallel, ZeRO-2 and
+ZeRO-3 layouts). Each is compiled as it would be on its own (candidates
+that compile to one program are timed once), and the fastest measured is
+kept (or, for abstract arguments or with
+``measure_candidates=0``, the cheapest priced).
 """
 
 from __future__ import annotations
@@ -78,27 +81,43 @@ PROPAGATED_MESHES = 3
 
 def ilp_variants(config: ShardConfig, meshes) -> list[tuple[str, ShardConfig]]:
   """(name, config) of the ILP's other candidates, given its meshes
-  cheapest first (the first is the one the plain ILP compiled): the ILP
-  with the batch on mesh axis 0 on that mesh, and on each of the
-  ``PROPAGATED_MESHES`` cheapest meshes the same with only the inputs and
-  outputs pinned (XLA's propagation lays out the rest). Without the batch
-  split, propagation from the ILP's inputs alone loses the batch layout of
-  the activations (priced 1.6-2x the constrained plan on the suite's GPT
-  and MoE), so that form is not compiled."""
+  cheapest first: on each of the ``PROPAGATED_MESHES`` cheapest, the ILP
+  with the batch on mesh axis 0, pinned op by op and with only the inputs
+  and outputs pinned (XLA's propagation lays out the rest). Without the
+  batch split, propagation from the ILP's inputs alone loses the batch
+  layout of the activations (priced 1.6-2x the constrained plan on the
+  suite's GPT and MoE), so that form is not compiled."""
   if config.option.force_batch_dim_to_mesh_dim is not None:
     return []
   out = []
-  for rank, shape in enumerate(meshes[:PROPAGATED_MESHES]):
+  for shape in meshes[:PROPAGATED_MESHES]:
     # the batch goes on axis 0: of (1, n) that is (n, 1)
     wide = shape if shape[0] > 1 else tuple(reversed(shape))
     if wide[0] == 1:
       continue
     cfg = _batch_split(_on_mesh(config, wide))
-    if rank == 0:
-      out.append(("ilp batch-split", cfg))
+    out.append(("ilp batch-split", cfg))
     out.append(("ilp batch-split propagated",
                 dataclasses.replace(cfg, propagate=True)))
   return out
+
+
+def runner_up_variants(name: str, cfg: ShardConfig,
+                       step) -> list[tuple[str, ShardConfig]]:
+  """(name, config) of the runner-up candidates of the first batch-split
+  ILP candidate (``step``, compiled from ``cfg``): the same ILP with the
+  layouts it gave the heaviest inputs ruled out
+  (``layout.runner_up_exclusions``), pinned and propagated. Its op-by-op
+  prices may rank two layouts of the dominant arrays within a few percent
+  where the compiled programs differ by far more: on the suite's MoE the
+  runner-up splits the experts by expert (expert parallelism), the first
+  choice by their FFN width."""
+  if name != "ilp batch-split" or cfg.propagate or \
+      cfg.runner_up_of is not None:
+    return []
+  ru = dataclasses.replace(cfg, runner_up_of=step.planned.solution)
+  return [("ilp runner-up", ru),
+          ("ilp runner-up propagated", dataclasses.replace(ru, propagate=True))]
 
 
 # 2-D meshes (cheapest ILP objective first) whose tensor-parallel candidate
@@ -196,10 +215,17 @@ def select(compile_config: Callable, config: ShardConfig, num_devices: int,
             + tensor_parallel_variants(config, meshes) + todo)
   else:
     errors.append(first)
-  for name, cfg in todo:
+  runner_ups_done = False  # of the first batch-split candidate only
+  while todo:
+    name, cfg = todo.pop(0)
     got = _compile(compile_config, name, cfg, profile)
     if isinstance(got, tuple):
       priced.append(got)
+      if not runner_ups_done:
+        # the runner-ups go right after the candidate they follow
+        more = runner_up_variants(name, cfg, got[2])
+        runner_ups_done = bool(more)
+        todo[:0] = more
     elif got is not None:
       errors.append(got)
   if not priced:
@@ -210,10 +236,20 @@ def select(compile_config: Callable, config: ShardConfig, num_devices: int,
   k = measured_count(config, len(priced))
   if k > 0 and len(priced) > 1 and leaves is not None and \
       candidate_timing.concrete(leaves):
-    timed = {n: step.task for _, n, step in priced[:k]}
+    # a program compiled twice (two candidates' layouts lowering alike) is
+    # timed once, and both are given its time
+    timed, twin, by_hlo = {}, {}, {}
+    for _, n, step in priced[:k]:
+      hlo = step.task.hlo_text()
+      if hlo in by_hlo:
+        twin[n] = by_hlo[hlo]
+      else:
+        by_hlo[hlo] = n
+        timed[n] = step.task
     with _progress.step(f"compiled-cost selection: timing the {len(timed)} "
-                        "cheapest on the devices"):
+                        "cheapest distinct programs on the devices"):
       times = candidate_timing.race(timed, leaves, donated)
+    times.update({n: times[t] for n, t in twin.items()})
     measured = tuple(sorted(times.items(), key=lambda kv: kv[1]))
     name = measured[0][0]
     seconds, _, best = next(p for p in priced if p[1] == name)

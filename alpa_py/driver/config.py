@@ -8,6 +8,7 @@ options and the micro-batch count become one ``ShardConfig``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from alpa_py.compiler.options import AutoShardingOption
 from alpa_py.methods import InputLayout, ShardParallel
@@ -30,6 +31,9 @@ class ShardConfig:
       and leave the intermediates to XLA's sharding propagation (a
       compiled-cost selection candidate; the plan then promises no per-op
       collectives).
+    runner_up_of: a solution of this step whose layouts of the heaviest
+      inputs the ILP may not take (``layout.runner_up_exclusions``: a
+      compiled-cost selection candidate).
   """
 
   method_name: str
@@ -40,6 +44,7 @@ class ShardConfig:
   link_costs: tuple[tuple[float, float], ...] | None = None
   mesh_fixed: bool = False
   propagate: bool = False
+  runner_up_of: Any = None  # a ShardingSolution
 
   @classmethod
   def resolve(cls, method: ShardParallel, num_devices: int) -> "ShardConfig":

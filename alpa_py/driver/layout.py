@@ -129,3 +129,26 @@ def input_specs(layout: InputLayout, sig: Signature, mesh_shape,
     else:
       specs[i] = [replicated(r)]
   return specs
+
+
+# an input is among the heaviest when it holds at least this share of the
+# largest non-batch input's bytes
+HEAVY_SHARE = 0.5
+
+
+def runner_up_exclusions(graph, sig: Signature, solution) -> dict[int, Spec]:
+  """Graph input tensor -> the layout ``solution`` gave it, for the
+  heaviest non-batch inputs (at least ``HEAVY_SHARE`` of the largest one's
+  bytes): the ILP solved again without those layouts gives the next-best
+  plan for the arrays that dominate the step's traffic. Its op-by-op prices
+  may rank two layouts of an array within a few percent where the compiled
+  programs differ by far more (an MoE's experts split by expert, against
+  split by their FFN width inside every expert)."""
+  params = [t for i, t in enumerate(graph.invars)
+            if i not in sig.batch_inputs and graph.tensor(t).shape]
+  if not params:
+    return {}
+  top = max(graph.tensor(t).nbytes for t in params)
+  spec_of = solution.spec_of
+  return {t: spec_of[t] for t in params
+          if graph.tensor(t).nbytes >= HEAVY_SHARE * top and t in spec_of}

@@ -40,7 +40,8 @@ from alpa_py.compiler.surcharge import new_surcharges
 from alpa_py.driver import compiled_selection
 from alpa_py.driver.config import ShardConfig
 from alpa_py.driver.executable import Executable
-from alpa_py.driver.layout import check_batch_divisible, input_specs
+from alpa_py.driver.layout import (check_batch_divisible, input_specs,
+                                   runner_up_exclusions)
 from alpa_py.driver.plans import (ShardingPlan, SolveStats, make_plan,
                                   solve_stats)
 from alpa_py.driver.signature import Signature
@@ -96,6 +97,8 @@ def plan_step(traced: TracedStep, sig: Signature, config: ShardConfig,
   penalty = 0.0 if config.layout is InputLayout.AUTO else FORBIDDEN_PENALTY
   batch_dims = traced.batch_dims if config.forces_batch_dim else None
   surcharges = surcharges or {}
+  excluded = {} if config.runner_up_of is None else runner_up_exclusions(
+      traced.graph, sig, config.runner_up_of)
   best, best_charges, candidates, failures = None, {}, [], []
   for shape in config.mesh_shapes:
     specs = input_specs(config.layout, sig, shape, traced.input_shapes, option)
@@ -108,7 +111,8 @@ def plan_step(traced: TracedStep, sig: Signature, config: ShardConfig,
         result = run_auto_sharding(
             traced.graph, _logical_mesh(config, shape), option,
             input_specs=specs, aliases=traced.graph_aliases,
-            alias_penalty=penalty, batch_dims=batch_dims, surcharges=charges)
+            alias_penalty=penalty, batch_dims=batch_dims, surcharges=charges,
+            excluded_specs=excluded)
       except InfeasiblePlanError as e:
         result = e
       if solved is not None:
@@ -300,7 +304,11 @@ def compile_shard_parallel(fun: Callable, sig: Signature, config: ShardConfig,
   solves: dict = {}  # option -> the ILP solves made under it
 
   def compile_config(cfg: ShardConfig) -> CompiledStep:
-    solved = solves.setdefault(cfg.option, {})
+    # one memo per distinct problem: the same options under another input
+    # layout (ZeRO-2 / ZeRO-3) or exclusion are another ILP
+    runner_up = None if cfg.runner_up_of is None else \
+        cfg.runner_up_of.tensor_specs
+    solved = solves.setdefault((cfg.option, cfg.layout, runner_up), {})
 
     def compile_once(ilp_budget):
       return with_collective_replans(
