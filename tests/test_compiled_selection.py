@@ -323,8 +323,9 @@ def test_each_layout_candidate_is_its_own_plan(monkeypatch):
 def test_the_runner_up_rules_out_the_heaviest_layouts(monkeypatch):
   compiled = _compiled_candidates(monkeypatch)
   first = [n for n in compiled if n.startswith("ilp batch-split (")][0]
-  ups = [n for n in compiled if n.startswith("ilp runner-up")]
-  assert ups, list(compiled)
+  ups = [n for n in compiled if n.startswith(("ilp runner-up",
+                                              "ilp heavy-split"))]
+  assert len(ups) == 3, list(compiled)
   base = compiled[first][1].task.in_shardings
   mesh = compiled[first][1].plan.mesh_shape
   for name in ups:
@@ -341,7 +342,7 @@ def test_the_runner_up_rules_out_the_heaviest_layouts(monkeypatch):
 
 def test_runner_up_exclusions_take_the_heaviest_non_batch_inputs():
   from types import SimpleNamespace
-  from alpa_py.driver.layout import runner_up_exclusions
+  from alpa_py.driver.layout import light_replicated, runner_up_exclusions
   shapes = {0: (64, 256), 1: (256, 32), 2: (16, 16), 3: (64, 64)}
   graph = SimpleNamespace(
       invars=(0, 1, 2, 3),
@@ -352,3 +353,5 @@ def test_runner_up_exclusions_take_the_heaviest_non_batch_inputs():
                                  2: ((), ()), 3: ((0,), ())})
   assert runner_up_exclusions(graph, sig, sol) == {0: ((), (0,)),
                                                    1: ((0,), ())}
+  # the heavy-split candidate keeps the rest of the parameters whole
+  assert light_replicated(graph, sig) == {2: [((), ())]}

@@ -52,7 +52,8 @@ class AutoShardingOption:
     select_by_compiled_cost: after the ILP, also compile the ILP with the
       batch kept on mesh axis 0 (pinned op by op, and with only the inputs
       and outputs pinned, on the ILP's three cheapest meshes), its
-      runner-up for the heaviest arrays, tensor-parallel layouts and the
+      runner-up for the heaviest arrays (also with the lighter ones
+      replicated), tensor-parallel layouts and the
       same pass with fewer choices (the data-parallel, ZeRO-2 and ZeRO-3
       layouts; ``compiled_selection``), price every compiled
       program under the cost profile (``program_cost.price_program``: the

@@ -14,7 +14,9 @@ pinned op by op and with only the step's inputs and outputs pinned to its
 layouts (XLA's sharding propagation lays out the rest: it may shard a
 dispatch or a gradient more cheaply than the plan's op-by-op layouts); the
 runner-up of the first of those (the same ILP with the layouts it gave the
-heaviest inputs ruled out), pinned and propagated; the ILP with the batch
+heaviest inputs ruled out), pinned, propagated, and propagated with the
+lighter parameters replicated (on the suite's MoE: expert parallelism with
+the dense weights whole, DeepSpeed-MoE's layout); the ILP with the batch
 on axis 0 and every parameter split on the other axis of its two cheapest
 2-D meshes (tensor parallelism, the ILP choosing the split dims); and the
 same pass with fewer choices (the inputs in the data-parallel, ZeRO-2 and
@@ -107,17 +109,22 @@ def runner_up_variants(name: str, cfg: ShardConfig,
   """(name, config) of the runner-up candidates of the first batch-split
   ILP candidate (``step``, compiled from ``cfg``): the same ILP with the
   layouts it gave the heaviest inputs ruled out
-  (``layout.runner_up_exclusions``), pinned and propagated. Its op-by-op
-  prices may rank two layouts of the dominant arrays within a few percent
-  where the compiled programs differ by far more: on the suite's MoE the
-  runner-up splits the experts by expert (expert parallelism), the first
-  choice by their FFN width."""
+  (``layout.runner_up_exclusions``), pinned and propagated, and propagated
+  with every lighter parameter and state array replicated
+  (``layout.light_replicated``: gathering each small weight every step
+  costs more on the devices than its prices say). Its op-by-op prices may
+  rank two layouts of the dominant arrays within a few percent where the
+  compiled programs differ by far more: on the suite's MoE the runner-up
+  splits the experts by expert (expert parallelism), the first choice by
+  their FFN width."""
   if name != "ilp batch-split" or cfg.propagate or \
       cfg.runner_up_of is not None:
     return []
   ru = dataclasses.replace(cfg, runner_up_of=step.planned.solution)
   return [("ilp runner-up", ru),
-          ("ilp runner-up propagated", dataclasses.replace(ru, propagate=True))]
+          ("ilp runner-up propagated", dataclasses.replace(ru, propagate=True)),
+          ("ilp heavy-split propagated", dataclasses.replace(
+              ru, propagate=True, replicate_light=True))]
 
 
 # 2-D meshes (cheapest ILP objective first) whose tensor-parallel candidate

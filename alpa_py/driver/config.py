@@ -34,6 +34,8 @@ class ShardConfig:
     runner_up_of: a solution of this step whose layouts of the heaviest
       inputs the ILP may not take (``layout.runner_up_exclusions``: a
       compiled-cost selection candidate).
+    replicate_light: with ``runner_up_of``, the non-batch inputs below the
+      heaviest are replicated (``layout.light_replicated``).
   """
 
   method_name: str
@@ -45,6 +47,7 @@ class ShardConfig:
   mesh_fixed: bool = False
   propagate: bool = False
   runner_up_of: Any = None  # a ShardingSolution
+  replicate_light: bool = False
 
   @classmethod
   def resolve(cls, method: ShardParallel, num_devices: int) -> "ShardConfig":

@@ -136,6 +136,19 @@ def input_specs(layout: InputLayout, sig: Signature, mesh_shape,
 HEAVY_SHARE = 0.5
 
 
+def _heavy_inputs(graph, sig: Signature) -> tuple[list[int], list[int]]:
+  """(heavy, light) flat positions of the non-batch inputs of rank >= 1:
+  heavy ones hold at least ``HEAVY_SHARE`` of the largest one's bytes."""
+  params = [i for i, t in enumerate(graph.invars)
+            if i not in sig.batch_inputs and graph.tensor(t).shape]
+  if not params:
+    return [], []
+  nbytes = lambda i: graph.tensor(graph.invars[i]).nbytes  # noqa: E731
+  top = max(map(nbytes, params))
+  heavy = [i for i in params if nbytes(i) >= HEAVY_SHARE * top]
+  return heavy, [i for i in params if nbytes(i) < HEAVY_SHARE * top]
+
+
 def runner_up_exclusions(graph, sig: Signature, solution) -> dict[int, Spec]:
   """Graph input tensor -> the layout ``solution`` gave it, for the
   heaviest non-batch inputs (at least ``HEAVY_SHARE`` of the largest one's
@@ -144,11 +157,16 @@ def runner_up_exclusions(graph, sig: Signature, solution) -> dict[int, Spec]:
   may rank two layouts of an array within a few percent where the compiled
   programs differ by far more (an MoE's experts split by expert, against
   split by their FFN width inside every expert)."""
-  params = [t for i, t in enumerate(graph.invars)
-            if i not in sig.batch_inputs and graph.tensor(t).shape]
-  if not params:
-    return {}
-  top = max(graph.tensor(t).nbytes for t in params)
+  heavy, _ = _heavy_inputs(graph, sig)
   spec_of = solution.spec_of
-  return {t: spec_of[t] for t in params
-          if graph.tensor(t).nbytes >= HEAVY_SHARE * top and t in spec_of}
+  return {graph.invars[i]: spec_of[graph.invars[i]] for i in heavy
+          if graph.invars[i] in spec_of}
+
+
+def light_replicated(graph, sig: Signature) -> dict[int, list[Spec]]:
+  """Flat input -> [replicated] for the non-batch inputs below the
+  heaviest (``_heavy_inputs``): kept whole on every device, as DeepSpeed
+  keeps small parameters whole rather than gathering each one every step."""
+  _, light = _heavy_inputs(graph, sig)
+  return {i: [replicated(len(graph.tensor(graph.invars[i]).shape))]
+          for i in light}

@@ -41,7 +41,7 @@ from alpa_py.driver import compiled_selection
 from alpa_py.driver.config import ShardConfig
 from alpa_py.driver.executable import Executable
 from alpa_py.driver.layout import (check_batch_divisible, input_specs,
-                                   runner_up_exclusions)
+                                   light_replicated, runner_up_exclusions)
 from alpa_py.driver.plans import (ShardingPlan, SolveStats, make_plan,
                                   solve_stats)
 from alpa_py.driver.signature import Signature
@@ -102,6 +102,8 @@ def plan_step(traced: TracedStep, sig: Signature, config: ShardConfig,
   best, best_charges, candidates, failures = None, {}, [], []
   for shape in config.mesh_shapes:
     specs = input_specs(config.layout, sig, shape, traced.input_shapes, option)
+    if config.replicate_light and config.runner_up_of is not None:
+      specs = {**specs, **light_replicated(traced.graph, sig)}
     if batch_dims is not None:
       check_batch_divisible(sig, traced.input_shapes, shape, option)
     charges = surcharges.get(tuple(shape), {})
@@ -308,7 +310,8 @@ def compile_shard_parallel(fun: Callable, sig: Signature, config: ShardConfig,
     # layout (ZeRO-2 / ZeRO-3) or exclusion are another ILP
     runner_up = None if cfg.runner_up_of is None else \
         cfg.runner_up_of.tensor_specs
-    solved = solves.setdefault((cfg.option, cfg.layout, runner_up), {})
+    solved = solves.setdefault(
+        (cfg.option, cfg.layout, runner_up, cfg.replicate_light), {})
 
     def compile_once(ilp_budget):
       return with_collective_replans(
