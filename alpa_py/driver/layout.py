@@ -143,7 +143,9 @@ def _heavy_inputs(graph, sig: Signature) -> tuple[list[int], list[int]]:
             if i not in sig.batch_inputs and graph.tensor(t).shape]
   if not params:
     return [], []
-  nbytes = lambda i: graph.tensor(graph.invars[i]).nbytes  # noqa: E731
+  def nbytes(i):
+    return graph.tensor(graph.invars[i]).nbytes
+
   top = max(map(nbytes, params))
   heavy = [i for i in params if nbytes(i) >= HEAVY_SHARE * top]
   return heavy, [i for i in params if nbytes(i) < HEAVY_SHARE * top]
