@@ -117,8 +117,7 @@ def runner_up_variants(name: str, cfg: ShardConfig,
   compiled programs differ by far more: on the suite's MoE the runner-up
   splits the experts by expert (expert parallelism), the first choice by
   their FFN width."""
-  if name != "ilp batch-split" or cfg.propagate or \
-      cfg.runner_up_of is not None:
+  if name != "ilp batch-split":  # pinned, not itself a runner-up
     return []
   ru = dataclasses.replace(cfg, runner_up_of=step.planned.solution)
   return [("ilp runner-up", ru),

@@ -143,6 +143,7 @@ def _heavy_inputs(graph, sig: Signature) -> tuple[list[int], list[int]]:
             if i not in sig.batch_inputs and graph.tensor(t).shape]
   if not params:
     return [], []
+
   def nbytes(i):
     return graph.tensor(graph.invars[i]).nbytes
 

@@ -97,13 +97,15 @@ def plan_step(traced: TracedStep, sig: Signature, config: ShardConfig,
   penalty = 0.0 if config.layout is InputLayout.AUTO else FORBIDDEN_PENALTY
   batch_dims = traced.batch_dims if config.forces_batch_dim else None
   surcharges = surcharges or {}
-  excluded = {} if config.runner_up_of is None else runner_up_exclusions(
-      traced.graph, sig, config.runner_up_of)
+  excluded, whole = {}, {}
+  if config.runner_up_of is not None:
+    excluded = runner_up_exclusions(traced.graph, sig, config.runner_up_of)
+    if config.replicate_light:
+      whole = light_replicated(traced.graph, sig)
   best, best_charges, candidates, failures = None, {}, [], []
   for shape in config.mesh_shapes:
     specs = input_specs(config.layout, sig, shape, traced.input_shapes, option)
-    if config.replicate_light and config.runner_up_of is not None:
-      specs = {**specs, **light_replicated(traced.graph, sig)}
+    specs = {**specs, **whole}
     if batch_dims is not None:
       check_batch_divisible(sig, traced.input_shapes, shape, option)
     charges = surcharges.get(tuple(shape), {})
