@@ -256,8 +256,10 @@ def test_timing_never_donates_the_callers_buffers():
   compiled = jax.jit(lambda a: a * 2, in_shardings=s, out_shardings=s,
                      donate_argnums=0).lower(x).compile()
   task = types.SimpleNamespace(compiled=compiled, in_shardings=(s,))
-  times = candidate_timing.time_tasks({"a": task, "b": task}, [x], [0])
-  assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
+  times = candidate_timing.time_tasks({"a": task, "b": task}, [x], [0],
+                                     rounds=3)
+  assert set(times) == {"a", "b"}
+  assert all(len(ts) == 3 and min(ts) > 0 for ts in times.values())
   assert not x.is_deleted()
   np.testing.assert_array_equal(np.asarray(x), np.arange(8.0))
 
@@ -272,18 +274,38 @@ def test_every_candidate_is_timed_unless_a_count_is_given():
   assert compiled_selection.measured_count(cfg(0), 8) == 0
 
 
-def test_a_near_tie_is_timed_again_longer(monkeypatch):
+def test_a_near_tie_is_raced_in_narrowing_stages_on_pooled_samples(
+    monkeypatch):
+  from alpa_py.driver import candidate_timing
+  calls = []
+  # the first rounds put b 15% behind a (a slow spell); pooled with the
+  # race's rounds, b is the faster, and c (30% behind) is never raced
+  stages = [{"a": [1.0] * 5, "b": [1.15] * 5, "c": [1.3] * 5, "d": [1.1] * 5},
+            {"a": [1.0] * 10, "b": [0.97] * 10, "d": [1.2] * 10},
+            {"a": [1.0] * 10, "b": [0.9] * 10}]
+
+  def fake(tasks, leaves, donated, rounds=5, seed=0):
+    calls.append((sorted(tasks), rounds))
+    return {n: list(ts) for n, ts in stages[len(calls) - 1].items()}
+  monkeypatch.setattr(candidate_timing, "time_tasks", fake)
+  got = candidate_timing.race({n: 0 for n in "abcd"}, [], [])
+  assert calls == [(["a", "b", "c", "d"], 5), (["a", "b", "d"], 10),
+                   (["a", "b"], 10)]
+  assert got == {"a": 1.0, "b": 0.97, "c": 1.3, "d": 1.2}
+  assert min(got, key=got.get) == "b"
+
+
+def test_a_clear_winner_is_not_raced(monkeypatch):
   from alpa_py.driver import candidate_timing
   calls = []
 
-  def fake(tasks, leaves, donated, rounds=5):
-    calls.append((sorted(tasks), rounds))
-    return {"a": 1.0, "b": 1.05, "c": 2.0} if len(calls) == 1 else \
-        {"a": 1.2, "b": 1.1}
+  def fake(tasks, leaves, donated, rounds=5, seed=0):
+    calls.append(sorted(tasks))
+    return {"a": [1.0] * rounds, "b": [1.5] * rounds}
   monkeypatch.setattr(candidate_timing, "time_tasks", fake)
-  got = candidate_timing.race({"a": 0, "b": 0, "c": 0}, [], [])
-  assert calls == [(["a", "b", "c"], 5), (["a", "b"], 10)]
-  assert got == {"a": 1.2, "b": 1.1, "c": 2.0}
+  assert candidate_timing.race({"a": 0, "b": 0}, [], []) == \
+      {"a": 1.0, "b": 1.5}
+  assert calls == [["a", "b"]]
 
 
 def _compiled_candidates(monkeypatch, **option):

@@ -10,6 +10,11 @@ no more than one step is ever in flight. The order within a round is a
 seeded shuffle, so that no candidate always runs right after the same one
 (a step inherits its predecessor's deallocations and cache state), and
 Python's garbage collector is paused during a round.
+
+A few rounds rank every candidate; the candidates near the fastest are then
+raced among themselves in further rounds, their samples pooled with the
+earlier ones, the margin narrowing at each stage (``race``): on a shared
+machine one slow spell can put a candidate 15-20% behind in five rounds.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import jax
 import numpy as np
 
 ROUNDS = 5
-# candidates within this share of the fastest are timed again, longer
-RACE_MARGIN = 0.10
+# at each stage of the race, the candidates within this share of the
+# fastest pooled median are timed again, RACE_ROUNDS more rounds
+RACE_MARGINS = (0.20, 0.05)
 RACE_ROUNDS = 10
 
 
@@ -48,25 +54,33 @@ def _run_once(task, leaves, donated: frozenset, kept: list) -> float:
 
 
 def time_tasks(tasks: dict, leaves: Sequence, donated: Sequence[int],
-               rounds: int = ROUNDS) -> dict:
-  """Name -> median step seconds of each compiled ``Task`` in ``tasks``,
-  run on ``leaves`` (the call's flat arguments; those at ``donated`` are
-  copied for every step)."""
+               rounds: int = ROUNDS, seed: int = 0) -> dict:
+  """Name -> the step seconds of each of ``rounds`` rounds, for each
+  compiled ``Task`` in ``tasks``, run on ``leaves`` (the call's flat
+  arguments; those at ``donated`` are copied for every step)."""
   donated = frozenset(donated)
   kept = {name: [None if i in donated else jax.device_put(x, s)
                  for i, (x, s) in enumerate(zip(leaves, task.in_shardings))]
           for name, task in tasks.items()}
-  return interleaved_medians(
+  return interleaved_samples(
       {name: (lambda t=task, k=kept[name]: _run_once(t, leaves, donated, k))
-       for name, task in tasks.items()}, rounds)
+       for name, task in tasks.items()}, rounds, seed)
 
 
 def interleaved_medians(steps: dict[str, Callable[[], float]], rounds: int,
                         seed: int = 0) -> dict:
   """Name -> median of ``rounds`` timings of ``steps[name]()`` (each call
-  runs one blocked step and returns its seconds). One warm-up call each,
-  then per round one call of each in a seeded shuffled order, with the
-  garbage collector paused inside a round."""
+  runs one blocked step and returns its seconds); see
+  ``interleaved_samples``."""
+  return {name: statistics.median(ts) for name, ts in
+          interleaved_samples(steps, rounds, seed).items()}
+
+
+def interleaved_samples(steps: dict[str, Callable[[], float]], rounds: int,
+                        seed: int = 0) -> dict[str, list[float]]:
+  """Name -> the ``rounds`` timings of ``steps[name]()``. One warm-up call
+  each, then per round one call of each in a seeded shuffled order, with
+  the garbage collector paused inside a round."""
   if rounds < 1:
     raise ValueError(f"rounds (={rounds!r}) must be >= 1")
   for fn in steps.values():
@@ -86,18 +100,26 @@ def interleaved_medians(steps: dict[str, Callable[[], float]], rounds: int,
   finally:
     if enabled:
       gc.enable()
-  return {name: statistics.median(ts) for name, ts in times.items()}
+  return times
 
 
 def race(tasks: dict, leaves: Sequence, donated: Sequence[int],
-         rounds: int = ROUNDS, margin: float = RACE_MARGIN,
+         rounds: int = ROUNDS, margins: Sequence[float] = RACE_MARGINS,
          extra_rounds: int = RACE_ROUNDS) -> dict:
-  """``time_tasks``, then the candidates within ``margin`` of the fastest
-  timed again over ``extra_rounds`` rounds among themselves (a near-tie is
-  decided by the longer run; the others keep their first medians)."""
-  times = time_tasks(tasks, leaves, donated, rounds)
-  best = min(times.values())
-  close = {n: t for n, t in tasks.items() if times[n] <= (1 + margin) * best}
-  if len(close) > 1 and extra_rounds > 0:
-    times.update(time_tasks(close, leaves, donated, extra_rounds))
-  return times
+  """Name -> median step seconds of each task: ``rounds`` rounds of every
+  task, then, for each margin in turn, ``extra_rounds`` more rounds of the
+  tasks whose pooled median is within that share of the fastest one's
+  (a near-tie is decided by the longer run; the others keep the medians
+  of the rounds they ran)."""
+  samples = time_tasks(tasks, leaves, donated, rounds)
+  for stage, margin in enumerate(margins, 1):
+    medians = {n: statistics.median(ts) for n, ts in samples.items()}
+    best = min(medians.values())
+    close = {n: t for n, t in tasks.items()
+             if medians[n] <= (1 + margin) * best}
+    if len(close) < 2 or extra_rounds < 1:
+      break
+    more = time_tasks(close, leaves, donated, extra_rounds, seed=stage)
+    for n, ts in more.items():
+      samples[n].extend(ts)
+  return {n: statistics.median(ts) for n, ts in samples.items()}
