@@ -308,8 +308,9 @@ def test_a_clear_winner_is_not_raced(monkeypatch):
   assert calls == [["a", "b"]]
 
 
-def _compiled_candidates(monkeypatch, **option):
-  """(name -> (config, CompiledStep)) of every candidate compiled."""
+def _compiled_candidates(monkeypatch, prices=None, **option):
+  """(name -> (config, CompiledStep)) of every candidate compiled (and
+  name -> price in ``prices``, if given)."""
   compiled = {}
   real = compiled_selection._compile
 
@@ -317,6 +318,8 @@ def _compiled_candidates(monkeypatch, **option):
     got = real(compile_config, name, cfg, profile)
     if isinstance(got, tuple):
       compiled[got[1]] = (cfg, got[2])
+      if prices is not None:
+        prices[got[1]] = got[0]
     return got
 
   monkeypatch.setattr(compiled_selection, "_compile", keep)
@@ -343,8 +346,12 @@ def test_each_layout_candidate_is_its_own_plan(monkeypatch):
 
 
 def test_the_runner_up_rules_out_the_heaviest_layouts(monkeypatch):
-  compiled = _compiled_candidates(monkeypatch)
-  first = [n for n in compiled if n.startswith("ilp batch-split (")][0]
+  prices = {}
+  compiled = _compiled_candidates(monkeypatch, prices)
+  # the runner-up follows the pinned batch-split candidate priced cheapest
+  pinned = [n for n in compiled if n.startswith("ilp batch-split (")]
+  assert len(pinned) > 1, list(compiled)
+  first = min(pinned, key=prices.get)
   ups = [n for n in compiled if n.startswith(("ilp runner-up",
                                               "ilp heavy-split"))]
   assert len(ups) == 3, list(compiled)

@@ -13,8 +13,8 @@ with the ILP free on the ops that have no batch dim, such as experts),
 pinned op by op and with only the step's inputs and outputs pinned to its
 layouts (XLA's sharding propagation lays out the rest: it may shard a
 dispatch or a gradient more cheaply than the plan's op-by-op layouts); the
-runner-up of the first of those (the same ILP with the layouts it gave the
-heaviest inputs ruled out), pinned, propagated, and propagated with the
+runner-up of the pinned one priced cheapest (the same ILP with the layouts
+it gave the heaviest inputs ruled out), pinned, propagated, and propagated with the
 lighter parameters replicated (on the suite's MoE: expert parallelism with
 the dense weights whole, DeepSpeed-MoE's layout); the ILP with the batch
 on axis 0 and every parameter split on the other axis of its two cheapest
@@ -104,10 +104,11 @@ def ilp_variants(config: ShardConfig, meshes) -> list[tuple[str, ShardConfig]]:
   return out
 
 
-def runner_up_variants(name: str, cfg: ShardConfig,
+def runner_up_variants(cfg: ShardConfig,
                        step) -> list[tuple[str, ShardConfig]]:
-  """(name, config) of the runner-up candidates of the first batch-split
-  ILP candidate (``step``, compiled from ``cfg``): the same ILP with the
+  """(name, config) of the runner-up candidates of the batch-split ILP
+  candidate (pinned) priced cheapest as compiled (``step``, compiled from
+  ``cfg``; the free ILP's cheapest mesh need not be its): the same ILP with the
   layouts it gave the heaviest inputs ruled out
   (``layout.runner_up_exclusions``), pinned and propagated, and propagated
   with every lighter parameter and state array replicated
@@ -117,8 +118,6 @@ def runner_up_variants(name: str, cfg: ShardConfig,
   compiled programs differ by far more: on the suite's MoE the runner-up
   splits the experts by expert (expert parallelism), the first choice by
   their FFN width."""
-  if name != "ilp batch-split":  # pinned, not itself a runner-up
-    return []
   ru = dataclasses.replace(cfg, runner_up_of=step.planned.solution)
   return [("ilp runner-up", ru),
           ("ilp runner-up propagated", dataclasses.replace(ru, propagate=True)),
@@ -221,19 +220,20 @@ def select(compile_config: Callable, config: ShardConfig, num_devices: int,
             + tensor_parallel_variants(config, meshes) + todo)
   else:
     errors.append(first)
-  runner_ups_done = False  # of the first batch-split candidate only
+  followed = None  # (price, config, step) of the cheapest batch-split
   while todo:
     name, cfg = todo.pop(0)
     got = _compile(compile_config, name, cfg, profile)
     if isinstance(got, tuple):
       priced.append(got)
-      if not runner_ups_done:
-        # the runner-ups go right after the candidate they follow
-        more = runner_up_variants(name, cfg, got[2])
-        runner_ups_done = bool(more)
-        todo[:0] = more
+      if name == "ilp batch-split" and (followed is None or
+                                        got[0] < followed[0]):
+        followed = (got[0], cfg, got[2])
     elif got is not None:
       errors.append(got)
+    if not todo and followed is not None:
+      # the runner-ups of the cheapest priced batch-split candidate
+      todo, followed = runner_up_variants(followed[1], followed[2]), None
   if not priced:
     raise errors[0]
   priced.sort(key=lambda p: p[0])
