@@ -47,3 +47,19 @@ def test_impossible_budget_says_bytes_needed():
 def test_invalid_budget_rejected():
   with pytest.raises(ValueError, match="memory_budget_per_device"):
     alpa_py.AutoShardingOption(memory_budget_per_device=-5)
+
+
+def test_a_solve_out_of_time_without_a_budget_names_the_time_limit(
+    monkeypatch):
+  from alpa_py.compiler import auto_sharding, ilp
+  monkeypatch.setattr(auto_sharding.ilp, "solve", lambda problem, sym=None:
+                      ilp.Infeasible("NOT_SOLVED (time limit)", 0.0, None,
+                                     "", 1234, 56, 7.0))
+  state, batch, step = mlp_setup(hidden=64, batch=64)
+  par = alpa_py.parallelize(step, method=alpa_py.ShardParallel(
+      mesh_shape=(8,), auto_sharding_option=alpa_py.AutoShardingOption(
+          solver_time_limit_s=7)))
+  with pytest.raises(alpa_py.InfeasiblePlanError,
+                     match=r"no sharding on mesh \(8,\) within "
+                     r"solver_time_limit_s=7 .*NOT_SOLVED"):
+    par.get_executable(state, batch)

@@ -87,6 +87,55 @@ def test_infeasible_is_not_a_fallback(monkeypatch):
   assert tried == [ilp.LP_BACKENDS[0]]
 
 
+class _Stopped:
+  """A MIP backend that runs out its time limit and reports an unknown
+  status (as HiGHS' MIP does, 99), or reports it at once."""
+
+  def __init__(self, solver, wait):
+    self._solver, self._wait, self._limit = solver, wait, 0
+
+  def __getattr__(self, name):
+    return getattr(self._solver, name)
+
+  def SetTimeLimit(self, ms):  # noqa: N802 (OR-Tools' name)
+    self._limit = ms
+
+  def Solve(self):  # noqa: N802 (OR-Tools' name)
+    if self._wait:
+      import time
+      time.sleep(self._limit / 1000)
+    return 99
+
+
+def _fractional_problem():
+  """A triangle whose pairs cost 10 where they agree: the LP optimum (all
+  halves, 0) is below every integral choice (10), so the MIP runs."""
+  edges = tuple(ilp.Edge(u, v, (0, 1), (0, 1), ((10.0, 0.0), (0.0, 10.0)))
+                for u, v in ((0, 1), (1, 2), (0, 2)))
+  return ilp.Problem(((0.0, 0.0),) * 3, edges, (), None, 1.0)
+
+
+def test_a_mip_stopped_by_its_time_limit_keeps_the_rounded_lp(monkeypatch):
+  create = ilp._create_solver
+  monkeypatch.setattr(ilp, "_create_solver", lambda name: _Stopped(
+      create(name), wait=True) if name in ilp.MIP_BACKENDS else create(name))
+  monkeypatch.setattr(ilp, "_loaded_before_ortools", lambda module: False)
+  problem = _fractional_problem()  # solved as a core: no reduction
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", ilp.SolverFallbackWarning)
+    result = ilp._solve_core(problem)
+  assert isinstance(result, ilp.Solution) and result.status == "FEASIBLE"
+  np.testing.assert_allclose(result.objective, problem.objective(result.choice))
+  # an unknown status before the time limit is a failed backend
+  got = ilp._solve_with(ilp.MIP_BACKENDS[0], problem, relax=False)
+  assert isinstance(got, ilp.Infeasible) and got.status.startswith(
+      "NOT_SOLVED")
+  monkeypatch.setattr(ilp, "_create_solver",
+                      lambda name: _Stopped(create(name), wait=False))
+  got = ilp._solve_with(ilp.MIP_BACKENDS[0], problem, relax=False)
+  assert isinstance(got, ilp._Failure) and "99" in got.reason
+
+
 def test_every_backend_failing_names_them_all(monkeypatch):
   monkeypatch.setattr(ilp, "_create_solver", lambda name: None)
   monkeypatch.setattr(ilp, "_loaded_before_ortools", lambda module: False)

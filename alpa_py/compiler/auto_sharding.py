@@ -406,6 +406,13 @@ def run_auto_sharding(graph: OpGraph, mesh: LogicalMesh,
                 f"a choice), {len(edges)} edges, {len(memory)} memory points")
   result = ilp.solve(problem, ilp_symmetry.SymmetryOption()
                      if option.tie_repeated_layers else None)
+  if isinstance(result, ilp.Infeasible) and budget is None:
+    raise InfeasiblePlanError(
+        f"the ILP solver found no sharding on mesh {mesh.shape} within "
+        f"solver_time_limit_s={option.solver_time_limit_s} (solver status "
+        f"{result.status}; {result.num_variables} variables). Raise "
+        "AutoShardingOption(solver_time_limit_s=...), or give "
+        "ShardParallel(mesh_shape=...) a mesh to search alone.")
   if isinstance(result, ilp.Infeasible):
     raise InfeasiblePlanError(
         f"no sharding on mesh {mesh.shape} fits memory_budget_per_device="

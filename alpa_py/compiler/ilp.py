@@ -205,7 +205,10 @@ class _Failure:
   reason: str
 
 
-# Statuses that say the backend failed, not that the problem has no solution
+# Statuses that answer the problem; any other says the backend failed (or,
+# at the time limit, that it found no plan in time)
+_ANSWERS = (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE,
+            pywraplp.Solver.INFEASIBLE, pywraplp.Solver.UNBOUNDED)
 _ERROR_STATUSES = {pywraplp.Solver.ABNORMAL: "ABNORMAL",
                    pywraplp.Solver.MODEL_INVALID: "MODEL_INVALID",
                    pywraplp.Solver.NOT_SOLVED: "NOT_SOLVED"}
@@ -297,10 +300,13 @@ def _solve_with(name: str, problem: Problem,
     return _Failure(f"raised {type(e).__name__}: {e}")
   elapsed = time.perf_counter() - t0
   timed_out = elapsed >= 0.95 * problem.time_limit_s
-  if status in _ERROR_STATUSES and not (
-      status == pywraplp.Solver.NOT_SOLVED and timed_out):
-    return _Failure(f"returned {_ERROR_STATUSES[status]} after "
-                    f"{elapsed:.2f}s")
+  if status not in _ANSWERS:
+    if not timed_out:
+      return _Failure(f"returned {_ERROR_STATUSES.get(status, status)} "
+                      f"after {elapsed:.2f}s")
+    # stopped by the time limit before any plan, whatever the backend calls
+    # it (HiGHS' MIP returns UNKNOWN, 99)
+    status = pywraplp.Solver.NOT_SOLVED
   if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
     need, label = min_memory_needed(problem)
     names = {pywraplp.Solver.INFEASIBLE: "INFEASIBLE",
