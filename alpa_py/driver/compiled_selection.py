@@ -13,12 +13,12 @@ with the ILP free on the ops that have no batch dim, such as experts),
 pinned op by op and with only the step's inputs and outputs pinned to its
 layouts (XLA's sharding propagation lays out the rest: it may shard a
 dispatch or a gradient more cheaply than the plan's op-by-op layouts); the
-runner-up of the pinned one priced cheapest (the same ILP with the layouts
-it gave the heaviest inputs ruled out), pinned, propagated, and propagated with the
-lighter parameters replicated (on the suite's MoE: expert parallelism with
-the dense weights whole, DeepSpeed-MoE's layout); the ILP with the batch
-on axis 0 and every parameter split on the other axis of its two cheapest
-2-D meshes (tensor parallelism, the ILP choosing the split dims); and the
+runner-up of the pinned one priced cheapest (the same ILP with the
+layouts it gave the heaviest inputs ruled out), pinned, propagated, and
+propagated with the lighter parameters replicated (on the suite's MoE:
+expert parallelism with the dense weights whole, DeepSpeed-MoE's layout);
+the ILP with the batch on axis 0 and every parameter split on the other
+axis of its two cheapest 2-D meshes (tensor parallelism, the ILP choosing the split dims); and the
 same pass with fewer choices (the inputs in the data-parallel, ZeRO-2 and
 ZeRO-3 layouts). Each is compiled as it would be on its own (candidates
 that compile to one program are timed once), and the fastest measured is
@@ -108,8 +108,8 @@ def runner_up_variants(cfg: ShardConfig,
                        step) -> list[tuple[str, ShardConfig]]:
   """(name, config) of the runner-up candidates of the batch-split ILP
   candidate (pinned) priced cheapest as compiled (``step``, compiled from
-  ``cfg``; the free ILP's cheapest mesh need not be its): the same ILP with the
-  layouts it gave the heaviest inputs ruled out
+  ``cfg``; the free ILP's cheapest mesh need not be its): the same ILP
+  with the layouts it gave the heaviest inputs ruled out
   (``layout.runner_up_exclusions``), pinned and propagated, and propagated
   with every lighter parameter and state array replicated
   (``layout.light_replicated``: gathering each small weight every step
