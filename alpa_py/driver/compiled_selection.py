@@ -1,29 +1,29 @@
 """Choosing among compiled programs by the cost profile's price of each
-(``AutoShardingOption.select_by_compiled_cost``), and by timing the
-cheapest of them (``measure_candidates``).
+(``AutoShardingOption.select_by_compiled_cost``), and by timing the cheapest
+of them (``measure_candidates``).
 
 The ILP prices a traced graph op by op; XLA then fuses elementwise chains,
 merges collectives and adds copies around reshardings. Where the profile is
 a calibrated model, its price of a compiled program is what was fitted to
 measured programs, so it is the better judge of two plans. The candidates
-are the ILP's plan (on the logical mesh its objective chose); on each of
-the ILP's three cheapest meshes, the ILP with every batch dim kept on the
-first mesh axis (Alpa's ``force_batch_dim_to_mesh_dim=0``: data parallel,
-with the ILP free on the ops that have no batch dim, such as experts),
-pinned op by op and with only the step's inputs and outputs pinned to its
-layouts (XLA's sharding propagation lays out the rest: it may shard a
-dispatch or a gradient more cheaply than the plan's op-by-op layouts); the
-runner-up of the pinned one priced cheapest (the same ILP with the
-layouts it gave the heaviest inputs ruled out), pinned, propagated, and
-propagated with the lighter parameters replicated (on the suite's MoE:
-expert parallelism with the dense weights whole, DeepSpeed-MoE's layout);
-the ILP with the batch on axis 0 and every parameter split on the other
-axis of its two cheapest 2-D meshes (tensor parallelism, the ILP choosing the split dims); and the
-same pass with fewer choices (the inputs in the data-parallel, ZeRO-2 and
-ZeRO-3 layouts). Each is compiled as it would be on its own (candidates
-that compile to one program are timed once), and the fastest measured is
-kept (or, for abstract arguments or with
-``measure_candidates=0``, the cheapest priced).
+are the ILP's plan (on the logical mesh its objective chose); on each of the
+ILP's three cheapest meshes, the ILP with every batch dim kept on the first
+mesh axis (Alpa's ``force_batch_dim_to_mesh_dim=0``: data parallel, with the
+ILP free on the ops that have no batch dim, such as experts), pinned op by
+op and with only the step's inputs and outputs pinned to its layouts (XLA's
+sharding propagation lays out the rest: it may shard a dispatch or a
+gradient more cheaply than the plan's op-by-op layouts); the runner-up of
+the pinned one priced cheapest (the same ILP with the layouts it gave the
+heaviest inputs ruled out), pinned, propagated, and propagated with the
+lighter parameters replicated (on the suite's MoE: expert parallelism with
+the dense weights whole, DeepSpeed-MoE's layout); the ILP with the batch on
+axis 0 and every parameter split on the other axis of its two cheapest 2-D
+meshes (tensor parallelism, the ILP choosing the split dims); and the same
+pass with fewer choices (the inputs in the data-parallel, ZeRO-2 and ZeRO-3
+layouts). Each is compiled as it would be on its own (candidates that
+compile to one program are timed once), and the fastest measured is kept
+(or, for abstract arguments or with ``measure_candidates=0``, the cheapest
+priced).
 """
 
 from __future__ import annotations
